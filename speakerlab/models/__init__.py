@@ -1,0 +1,109 @@
+"""Model registry: config ``obj`` names map to our classes, never to an import of arbitrary code."""
+import hashlib
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from speakerlab.config import ModelConfig
+
+
+def _campplus():
+    from speakerlab.models.campplus import CAMPPlus
+    return CAMPPlus
+
+
+def _eres2net():
+    from speakerlab.models.eres2net import ERes2Net
+    return ERes2Net
+
+
+def _eres2netv2():
+    from speakerlab.models.eres2netv2 import ERes2NetV2
+    return ERes2NetV2
+
+
+# 3D-Speaker's dotted paths, and the bare class names, are the only accepted ``obj`` values.
+MODEL_CLASSES = {
+    "speakerlab.models.campplus.DTDNN.CAMPPlus": _campplus,
+    "CAMPPlus": _campplus,
+    "speakerlab.models.eres2net.ERes2Net.ERes2Net": _eres2net,
+    "ERes2Net": _eres2net,
+    "speakerlab.models.eres2net.ERes2NetV2.ERes2NetV2": _eres2netv2,
+    "ERes2NetV2": _eres2netv2,
+}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def build_model(config: ModelConfig) -> torch.nn.Module:
+    factory = MODEL_CLASSES.get(config.obj)
+    if factory is None:
+        known = ", ".join(sorted(k for k in MODEL_CLASSES if "." in k))
+        raise ModelLoadError(f"{config.source}: unknown model obj '{config.obj}' (known: {known})")
+    try:
+        return factory()(**config.args)
+    except TypeError as exc:
+        raise ModelLoadError(f"{config.source}: bad args for {config.obj}: {exc}") from None
+
+
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_state_dict(path) -> Dict[str, torch.Tensor]:
+    """Load a checkpoint without executing code; unwrap {state_dict|model: ...} and 'module.'."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... for unsafe/broken files
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise ModelLoadError(f"refusing checkpoint {path}: it needs arbitrary unpickling, which could "
+                                 f"run code ({text}). Re-save it as a plain state_dict.") from None
+        raise ModelLoadError(f"cannot read checkpoint {path}: {text}") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelLoadError(f"checkpoint {path} holds no state_dict of tensors")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_weights(model: torch.nn.Module, state: Dict[str, torch.Tensor], config: ModelConfig,
+                 checkpoint: str) -> None:
+    """Strict load with an error that says exactly what does not match."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                   for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        def listing(name, items):
+            more = f" ... (+{len(items) - 8} more)" if len(items) > 8 else ""
+            return f"\n  {name} ({len(items)}): " + ", ".join(items[:8]) + more if items else ""
+        raise ModelLoadError(
+            f"checkpoint {checkpoint} does not match config {config.source} "
+            f"({config.obj}, args {config.args}):"
+            + listing("missing keys", missing) + listing("unexpected keys", unexpected)
+            + listing("shape mismatches", wrong_shape))
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(config: ModelConfig, checkpoint, device: Optional[torch.device] = None) -> torch.nn.Module:
+    model = build_model(config)
+    load_weights(model, read_state_dict(checkpoint), config, str(checkpoint))
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
