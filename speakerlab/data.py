@@ -1,0 +1,179 @@
+"""The utterance list: scanning a data tree, reading headers, sharding by duration.
+
+Layout: ``data_root/<dataset>/<speaker>/[<sub>/...]<utterance>.<ext>``. Deeper directories (VoxCeleb's
+``speaker/video/00001.wav``, LibriSpeech's ``speaker/chapter/utt.flac``) belong to the speaker; their
+names join the utterance id. Keys: ``<dataset>_<speaker>_<utterance>`` and ``<dataset>_<speaker>``.
+"""
+import heapq
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+
+
+class DataError(ValueError):
+    """A problem with the input as a whole (missing root, empty tree, key clash)."""
+
+
+@dataclass
+class Utterance:
+    key: str
+    dataset: str
+    speaker: str
+    utterance: str
+    path: str                      # as the pipeline opens it
+    rel_path: str = ""             # relative to data_root (for lookups by path)
+    start: Optional[float] = None  # segment in seconds, None = whole file
+    end: Optional[float] = None
+    sample_rate: int = 0           # from the header, 0 when it could not be read
+    num_samples: int = 0           # in the file's own rate (of the segment when start/end are set)
+    channels: int = 0
+    header_error: str = ""
+
+    @property
+    def speaker_key(self) -> str:
+        return f"{self.dataset}_{self.speaker}"
+
+    @property
+    def duration(self) -> float:
+        return self.num_samples / self.sample_rate if self.sample_rate else 0.0
+
+
+@dataclass
+class ScanResult:
+    data_root: str
+    utterances: List[Utterance]
+    ignored: Dict[str, int] = field(default_factory=dict)  # reason -> count
+    ignored_examples: List[str] = field(default_factory=list)
+
+
+def _walk(root: Path) -> Iterable[Tuple[Tuple[str, ...], Path]]:
+    """Yield (relative parts, path) of every file, following symlinks once, loops cut off."""
+    seen = set()
+    stack = [(root, ())]
+    while stack:
+        directory, parts = stack.pop()
+        try:
+            info = directory.stat()
+        except OSError:
+            continue
+        ident = (info.st_dev, info.st_ino)
+        if ident in seen:
+            continue  # a symlink loop or a second link to a directory already walked
+        seen.add(ident)
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                stack.append((path, parts + (entry.name,)))
+            else:
+                yield parts + (entry.name,), path
+
+
+def scan_tree(data_root) -> ScanResult:
+    root = Path(data_root).absolute()
+    if not root.is_dir():
+        raise DataError(f"data_root {root} is not a directory")
+    found: Dict[str, Utterance] = {}
+    ignored: Dict[str, int] = {}
+    examples: List[str] = []
+
+    def ignore(reason: str, rel: str) -> None:
+        ignored[reason] = ignored.get(reason, 0) + 1
+        if len(examples) < 20:
+            examples.append(f"{rel}: {reason}")
+
+    for parts, path in _walk(root):
+        rel = "/".join(parts)
+        if not parts[-1].lower().endswith(AUDIO_EXTENSIONS):
+            ignore("not an audio extension", rel)
+            continue
+        if len(parts) < 3:
+            ignore("not under <dataset>/<speaker>/", rel)
+            continue
+        dataset, speaker = parts[0], parts[1]
+        utterance = "_".join(list(parts[2:-1]) + [os.path.splitext(parts[-1])[0]])
+        key = f"{dataset}_{speaker}_{utterance}"
+        if key in found:
+            raise DataError(f"two files map to the key '{key}': {found[key].path} and {path}. "
+                            "Rename one of them.")
+        found[key] = Utterance(key=key, dataset=dataset, speaker=speaker, utterance=utterance,
+                               path=str(path), rel_path=rel)
+    utterances = [found[k] for k in sorted(found)]
+    return ScanResult(str(root), utterances, ignored, examples)
+
+
+def read_header(utt: Utterance) -> None:
+    import soundfile as sf
+    try:
+        info = sf.info(utt.path)
+        utt.sample_rate, utt.channels = int(info.samplerate), int(info.channels)
+        frames = int(info.frames)
+        if utt.start is not None:
+            first = int(round(utt.start * utt.sample_rate))
+            last = frames if utt.end is None else min(frames, int(round(utt.end * utt.sample_rate)))
+            frames = max(0, last - first)
+        utt.num_samples = frames
+    except Exception as exc:  # soundfile raises RuntimeError/LibsndfileError/OSError; all mean "unreadable"
+        utt.header_error = str(exc).strip() or type(exc).__name__
+
+
+def read_headers(utterances: List[Utterance], threads: int = 16) -> None:
+    """Fill sample_rate / num_samples / channels; I/O bound, so threads overlap the waits."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(read_header, utterances, chunksize=256))
+
+
+def shard_by_duration(utterances: List[Utterance], rank: int, world_size: int) -> List[Utterance]:
+    """Longest-first greedy assignment to the least-loaded rank: every utterance exactly once,
+    total durations balanced, the same answer on every rank. Returned in input order."""
+    if world_size == 1:
+        return list(utterances)
+    order = sorted(range(len(utterances)),
+                   key=lambda i: (-max(utterances[i].duration, 0.01), utterances[i].key))
+    loads = [(0.0, r) for r in range(world_size)]
+    mine = []
+    for index in order:
+        load, owner = heapq.heappop(loads)
+        if owner == rank:
+            mine.append(index)
+        heapq.heappush(loads, (load + max(utterances[index].duration, 0.01), owner))
+    return [utterances[i] for i in sorted(mine)]
+
+
+_FIELDS = [f for f in Utterance.__dataclass_fields__]
+
+
+def save_scan(scan: ScanResult, path: Path) -> None:
+    """Columnar JSON (compact for millions of rows), written atomically."""
+    rows = [[getattr(u, f) for f in _FIELDS] for u in scan.utterances]
+    payload = {"data_root": scan.data_root, "fields": _FIELDS, "rows": rows,
+               "ignored": scan.ignored, "ignored_examples": scan.ignored_examples}
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, ensure_ascii=False, separators=(",", ":"))
+    os.replace(tmp, path)
+
+
+def load_scan(path: Path) -> ScanResult:
+    with open(path, encoding="utf-8") as handle:
+        payload = json.load(handle)
+    fields = payload["fields"]
+    utterances = [Utterance(**dict(zip(fields, row))) for row in payload["rows"]]
+    return ScanResult(payload["data_root"], utterances, payload.get("ignored", {}),
+                      payload.get("ignored_examples", []))
+
+
+def utterance_record(utt: Utterance) -> Dict[str, object]:
+    return asdict(utt)
