@@ -1,0 +1,35 @@
+"""Grouping utterances into batches whose padded size is bounded by a frame budget."""
+from typing import List, Sequence
+
+import numpy as np
+import torch
+
+
+def plan_batches(num_samples: Sequence[int], frames_per_batch: int, max_batch_size: int,
+                 frame_shift: int = 160) -> List[List[int]]:
+    """Sort by length and cut into batches with (count x longest frames) <= frames_per_batch.
+
+    Similar lengths share a batch, so padding stays small; an utterance longer than the budget
+    gets a batch of its own. Returns index lists, shortest batches first.
+    """
+    order = sorted(range(len(num_samples)), key=lambda i: (num_samples[i], i))
+    batches: List[List[int]] = []
+    current: List[int] = []
+    for index in order:
+        frames = max(1, num_samples[index] // frame_shift)
+        if current and ((len(current) + 1) * frames > frames_per_batch or len(current) >= max_batch_size):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pad_waves(waves: Sequence[np.ndarray]):
+    """Right-pad 1-D float32 arrays into a (B, N) tensor plus their lengths."""
+    lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
+    batch = torch.zeros(len(waves), int(lengths.max()) if len(waves) else 0, dtype=torch.float32)
+    for row, wave in enumerate(waves):
+        batch[row, :len(wave)] = torch.from_numpy(wave)
+    return batch, lengths

@@ -1,0 +1,168 @@
+"""Waveforms in, embeddings out: fbank and model on one device, batched, padding-invisible.
+
+Shared by the extraction pipeline and the Python API so both give the same numbers.
+"""
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from speakerlab.config import ModelConfig
+from speakerlab.features import Fbank, FbankConfig
+
+log = logging.getLogger("speakerlab")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+def default_dtype(device: torch.device) -> str:
+    """Fastest setting measured to keep cosine >= 0.999 to fp32 on real speech (see README)."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+@dataclass
+class Result:
+    embedding: Optional[np.ndarray] = None
+    error: Optional[Tuple[str, str]] = None  # (stage, reason)
+    chunks: int = 1
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+class Embedder:
+    """fbank + model on ``device``; ``embed(waves, lengths)`` handles a padded batch.
+
+    Long inputs (more than ``max_chunk_frames`` feature frames) are embedded in equal chunks whose
+    embeddings are averaged, weighted by chunk length; the features are computed and mean-normalised
+    over the whole file first, so every chunk sees the same normalisation. Shorter inputs get
+    exactly the reference's whole-utterance embedding.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: ModelConfig, device: torch.device,
+                 dtype: str = "fp32", channels_last: Optional[bool] = None,
+                 max_chunk_frames: int = 30000):
+        self.device = device
+        self.dtype = dtype
+        self.model = model.eval().to(device)
+        self.fbank = Fbank(FbankConfig(sample_rate=config.sample_rate,
+                                       num_mel_bins=config.fbank_dim)).to(device)
+        self.min_frames = int(getattr(model, "min_frames", 2))
+        self.max_chunk_frames = max(self.min_frames, int(max_chunk_frames))
+        is_2d = any(isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1) for m in model.modules())
+        if channels_last is None:
+            channels_last = is_2d
+        self.channels_last = channels_last and is_2d
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def _autocast(self):
+        if self.dtype == "fp32":
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=DTYPES[self.dtype])
+
+    @torch.inference_mode()
+    def _forward(self, feats: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        lengths = None if bool((frames == feats.shape[1]).all()) else frames
+        with self._autocast():
+            out = self.model(feats, lengths)
+        return out.float()
+
+    def _forward_splitting(self, feats: torch.Tensor, frames: torch.Tensor) -> List[Optional[torch.Tensor]]:
+        """Forward; on out-of-memory halve the batch and retry, down to one utterance."""
+        try:
+            return list(self._forward(feats, frames))
+        except (RuntimeError, torch.OutOfMemoryError) as exc:
+            if not _is_oom(exc):
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if feats.shape[0] == 1:
+                log.warning("out of memory on a single utterance of %d frames", int(frames[0]))
+                return [None]
+            half = feats.shape[0] // 2
+            log.warning("out of memory at batch %d x %d frames; retrying as two halves",
+                        feats.shape[0], feats.shape[1])
+            first = self._forward_splitting(feats[:half, :int(frames[:half].max())], frames[:half])
+            second = self._forward_splitting(feats[half:, :int(frames[half:].max())], frames[half:])
+            return first + second
+
+    @torch.inference_mode()
+    def embed(self, waves: torch.Tensor, lengths: torch.Tensor) -> List[Result]:
+        """(B, N) padded float waveforms at the model's rate -> one Result per row."""
+        waves = waves.to(self.device, non_blocking=True)
+        lengths = lengths.to(self.device)
+        feats, frames = self.fbank(waves, lengths)
+        frames_list = frames.tolist()
+        results = [Result() for _ in frames_list]
+        normal, long = [], []
+        for row, count in enumerate(frames_list):
+            if count < self.min_frames:
+                seconds = self.min_frames_seconds()
+                results[row].error = ("validate", f"too short: {int(lengths[row]) / self.fbank.config.sample_rate:.3f} s "
+                                                  f"gives {count} frames; the model needs at least {self.min_frames} "
+                                                  f"frames ({seconds:.3f} s)")
+            elif count > self.max_chunk_frames:
+                long.append(row)
+            else:
+                normal.append(row)
+        if normal:
+            index = torch.tensor(normal, device=feats.device)
+            sub_frames = frames.index_select(0, index)
+            sub = feats.index_select(0, index)[:, :int(max(frames_list[r] for r in normal))]
+            if self.channels_last:
+                sub = sub.contiguous()
+            for row, emb in zip(normal, self._forward_splitting(sub, sub_frames)):
+                self._store(results[row], emb)
+        for row in long:
+            self._embed_long(feats[row, :frames_list[row]], results[row])
+        return results
+
+    def _embed_long(self, feats: torch.Tensor, result: Result) -> None:
+        total = feats.shape[0]
+        pieces = -(-total // self.max_chunk_frames)
+        bounds = [round(i * total / pieces) for i in range(pieces + 1)]
+        weighted = None
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            chunk = feats[start:end].unsqueeze(0)
+            emb = self._forward_splitting(chunk, torch.tensor([end - start], device=feats.device))[0]
+            if emb is None:
+                result.error = ("model", "out of memory even for one chunk")
+                return
+            part = emb.double() * (end - start)
+            weighted = part if weighted is None else weighted + part
+        result.chunks = pieces
+        self._store(result, (weighted / total).float())
+
+    @staticmethod
+    def _store(result: Result, emb: Optional[torch.Tensor]) -> None:
+        if emb is None:
+            result.error = ("model", "out of memory at batch size 1")
+            return
+        array = emb.detach().cpu().numpy().astype(np.float32)
+        if not np.isfinite(array).all():
+            result.error = ("model", "the model produced a non-finite embedding")
+        else:
+            result.embedding = array
+
+    def min_frames_seconds(self) -> float:
+        cfg = self.fbank.config
+        return (cfg.frame_length + (self.min_frames - 1) * cfg.frame_shift) / cfg.sample_rate
+
+    def embed_waves(self, waves: Sequence[np.ndarray]) -> List[Result]:
+        from speakerlab.batching import pad_waves
+        batch, lengths = pad_waves(waves)
+        return self.embed(batch, lengths)
