@@ -67,6 +67,11 @@ def read_embeddings_npz(path: Path) -> Tuple[List[str], np.ndarray, List[dict]]:
     return keys, matrix, failures
 
 
+def read_extra(path: Path) -> Dict[str, dict]:
+    with np.load(path, allow_pickle=False) as data:
+        return json.loads(str(data["extra"])) if "extra" in data.files else {}
+
+
 class RankStore:
     """Append-only store of one rank's results, flushed in atomic parts."""
 
@@ -100,8 +105,7 @@ class RankStore:
             return
         for part in sorted(self.parts_dir.glob("part_*.npz")):
             keys, matrix, failures = read_embeddings_npz(part)
-            with np.load(part, allow_pickle=False) as data:
-                extra = json.loads(str(data["extra"])) if "extra" in data.files else {}
+            extra = read_extra(part)
             self.keys.extend(keys)
             self.embeddings.extend(matrix)
             self.failures.extend(failures)

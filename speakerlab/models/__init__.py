@@ -18,6 +18,11 @@ def _eres2net():
     return ERes2Net
 
 
+def _eres2net_huge():
+    from speakerlab.models.eres2net import ERes2NetHuge
+    return ERes2NetHuge
+
+
 def _eres2netv2():
     from speakerlab.models.eres2netv2 import ERes2NetV2
     return ERes2NetV2
@@ -29,6 +34,8 @@ MODEL_CLASSES = {
     "CAMPPlus": _campplus,
     "speakerlab.models.eres2net.ERes2Net.ERes2Net": _eres2net,
     "ERes2Net": _eres2net,
+    "speakerlab.models.eres2net.ERes2Net_huge.ERes2Net": _eres2net_huge,
+    "ERes2NetHuge": _eres2net_huge,
     "speakerlab.models.eres2net.ERes2NetV2.ERes2NetV2": _eres2netv2,
     "ERes2NetV2": _eres2netv2,
 }

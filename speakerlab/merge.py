@@ -1,0 +1,259 @@
+"""Stage 2: fold the ranks' results into the final files.
+
+Refuses (naming them) missing or incomplete ranks and ranks made with another model, features or
+world size, unless ``--allow_partial``. Several output dirs of separate runs merge into one when
+their model identity and feature settings agree. Speaker embeddings are computed here, from every
+utterance of the speaker across ranks, never as a mean of per-rank means.
+"""
+import argparse
+import logging
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from speakerlab import data as data_mod
+from speakerlab.store import read_embeddings_npz, read_extra, read_json
+
+log = logging.getLogger("speakerlab")
+FORMATS = ("pkl", "npz", "kaldi")
+
+
+class MergeError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Merge per-rank speaker embeddings into final files.")
+    p.add_argument("--input_dir", required=True, nargs="+",
+                   help="extraction output dir(s) holding rank_XX/ (several: separate runs, same model)")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--formats", default="pkl,npz",
+                   help="comma list of pkl (the seed's pickles + JSON lists), npz (pickle-free), kaldi (ark/scp)")
+    p.add_argument("--speaker_mean", choices=["plain", "normalized"], default="plain",
+                   help="plain: mean of utterance embeddings (the seed's rule); normalized: mean of L2-normalised ones")
+    p.add_argument("--duration_weighted", action="store_true",
+                   help="weight each utterance by its duration in the speaker mean")
+    p.add_argument("--allow_partial", action="store_true",
+                   help="merge the complete ranks even if some are missing or unfinished")
+    return p
+
+
+# --- reading the ranks ---------------------------------------------------------------------
+IDENTITY_FIELDS = ("model_sha256", "model_config", "features", "dtype", "channels", "max_chunk_s")
+
+
+def collect_run(input_dir: Path, allow_partial: bool):
+    """Return (scan, [rank metadata], problems) for one extraction output dir."""
+    scan_file = input_dir / "scan.json"
+    if not scan_file.is_file():
+        raise MergeError(f"{input_dir} has no scan.json: is it an extraction output dir?")
+    scan = data_mod.load_scan(scan_file)
+    ranks: Dict[int, dict] = {}
+    problems: List[str] = []
+    for rank_dir in sorted(input_dir.glob("rank_*")):
+        suffix = rank_dir.name[5:]
+        if not (rank_dir.is_dir() and suffix.isdigit()):
+            continue
+        try:
+            meta = read_json(rank_dir / "metadata.json")
+        except (OSError, ValueError):
+            problems.append(f"{rank_dir.name}: no readable metadata.json")
+            continue
+        if not meta.get("complete") or not (rank_dir / "embeddings.npz").is_file():
+            problems.append(f"{rank_dir.name}: incomplete (extraction not finished)")
+            continue
+        ranks[int(suffix)] = meta
+    if not ranks:
+        raise MergeError(f"{input_dir}: no complete rank results" + (f" ({'; '.join(problems)})" if problems else ""))
+    worlds = {m["world_size"] for m in ranks.values()}
+    if len(worlds) > 1:
+        raise MergeError(f"{input_dir}: ranks come from different world sizes {sorted(worlds)}")
+    world = worlds.pop()
+    missing = [r for r in range(world) if r not in ranks and not any(p.startswith(f"rank_{r:02d}") for p in problems)]
+    problems += [f"rank_{r:02d}: missing" for r in missing]
+    reference = ranks[min(ranks)]["fingerprint"]
+    for rank, meta in sorted(ranks.items()):
+        theirs = {k: v for k, v in meta["fingerprint"].items() if k != "rank"}
+        ours = {k: v for k, v in reference.items() if k != "rank"}
+        if theirs != ours:
+            diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            raise MergeError(f"{input_dir}: rank_{rank:02d} was made differently from rank_{min(ranks):02d} "
+                             f"({', '.join(diff)} differ)")
+    if problems and not allow_partial:
+        raise MergeError(f"{input_dir}: cannot merge: " + "; ".join(problems) +
+                         " (finish those ranks, or pass --allow_partial)")
+    return scan, [ranks[r] for r in sorted(ranks)], problems
+
+
+def identity(meta: dict) -> dict:
+    return {k: meta["fingerprint"].get(k) for k in IDENTITY_FIELDS}
+
+
+# --- speaker means -------------------------------------------------------------------------
+def speaker_means(matrix: np.ndarray, speaker_index: np.ndarray, num_speakers: int, rule: str,
+                  weights: Optional[np.ndarray] = None) -> np.ndarray:
+    """Exact per-speaker means (float64 accumulation) of the rows of ``matrix``."""
+    rows = matrix.astype(np.float64)
+    if rule == "normalized":
+        rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    w = np.ones(len(rows)) if weights is None else weights.astype(np.float64)
+    sums = np.zeros((num_speakers, rows.shape[1]))
+    np.add.at(sums, speaker_index, rows * w[:, None])
+    totals = np.bincount(speaker_index, weights=w, minlength=num_speakers)
+    return (sums / totals[:, None]).astype(np.float32)
+
+
+# --- main ----------------------------------------------------------------------------------
+def merge(input_dirs: List[Path], output_dir: Path, formats: List[str], speaker_mean: str = "plain",
+          duration_weighted: bool = False, allow_partial: bool = False) -> dict:
+    runs = [collect_run(Path(d), allow_partial) for d in input_dirs]
+    first_identity = identity(runs[0][1][0])
+    for directory, (_, metas, _) in zip(input_dirs[1:], runs[1:]):
+        other = identity(metas[0])
+        if other != first_identity:
+            diff = sorted(k for k in first_identity if first_identity[k] != other[k])
+            raise MergeError(f"{directory} was made with different {', '.join(diff)} than {input_dirs[0]}; "
+                             "only runs with the same model and features can be merged")
+
+    utterances: Dict[str, data_mod.Utterance] = {}
+    keys: List[str] = []
+    blocks: List[np.ndarray] = []
+    extra: Dict[str, dict] = {}
+    failures: List[dict] = []
+    ignored: Dict[str, int] = {}
+    problems: List[str] = []
+    for directory, (scan, metas, run_problems) in zip(input_dirs, runs):
+        problems += [f"{directory}: {p}" for p in run_problems]
+        for reason, count in scan.ignored.items():
+            ignored[reason] = ignored.get(reason, 0) + count
+        for utt in scan.utterances:
+            if utt.key in utterances and utterances[utt.key].path != utt.path:
+                raise MergeError(f"key {utt.key} appears in two runs: {utterances[utt.key].path} and {utt.path}")
+            utterances[utt.key] = utt
+        for meta in metas:
+            rank_dir = Path(directory) / f"rank_{meta['rank']:02d}"
+            rank_keys, matrix, rank_failures = read_embeddings_npz(rank_dir / "embeddings.npz")
+            extra.update(read_extra(rank_dir / "embeddings.npz"))
+            keys += rank_keys
+            blocks.append(matrix)
+            failures += rank_failures
+    if len(set(keys)) != len(keys):
+        raise MergeError("the same utterance was embedded twice (overlapping runs?)")
+    dims = {b.shape[1] for b in blocks if len(b)}
+    if len(dims) > 1:
+        raise MergeError(f"embedding dimensions differ between ranks: {sorted(dims)}")
+    dim = dims.pop() if dims else 0
+    nonempty = [b for b in blocks if len(b)]
+    matrix = np.concatenate(nonempty) if nonempty else np.zeros((0, dim), np.float32)
+    order = sorted(range(len(keys)), key=lambda i: keys[i])
+    keys = [keys[i] for i in order]
+    matrix = matrix[order] if len(order) else matrix
+    durations = np.array([extra.get(k, {}).get("seconds", utterances[k].duration) for k in keys])
+
+    speaker_keys = sorted({utterances[k].speaker_key for k in keys})
+    speaker_pos = {s: i for i, s in enumerate(speaker_keys)}
+    speaker_index = np.array([speaker_pos[utterances[k].speaker_key] for k in keys], dtype=np.int64)
+    speaker_matrix = (speaker_means(matrix, speaker_index, len(speaker_keys), speaker_mean,
+                                    durations if duration_weighted else None)
+                      if len(keys) else np.zeros((0, dim), np.float32))
+    counts = np.bincount(speaker_index, minlength=len(speaker_keys)) if len(keys) else np.zeros(0, int)
+    speaker_seconds = (np.bincount(speaker_index, weights=durations, minlength=len(speaker_keys))
+                       if len(keys) else np.zeros(0))
+
+    utt_list = []
+    for key, seconds in zip(keys, durations):
+        utt = utterances[key]
+        record = {"key": key, "dataset": utt.dataset, "speaker_id": utt.speaker, "speaker_key": utt.speaker_key,
+                  "utterance_id": utt.utterance, "path": utt.path, "rel_path": utt.rel_path,
+                  "duration": round(float(seconds), 4), "sample_rate": utt.sample_rate}
+        if utt.start is not None:
+            record.update({"start": utt.start, "end": utt.end})
+        if extra.get(key, {}).get("chunks"):
+            record["chunks"] = extra[key]["chunks"]
+        utt_list.append(record)
+    names = {utterances[k].speaker_key: (utterances[k].dataset, utterances[k].speaker) for k in keys}
+    spk_list = []
+    for index, spk in enumerate(speaker_keys):
+        dataset, speaker = names[spk]
+        spk_list.append({"key": spk, "dataset": dataset, "speaker_id": speaker,
+                         "num_utterances": int(counts[index]), "duration_s": round(float(speaker_seconds[index]), 3)})
+
+    meta0 = runs[0][1][0]
+    datasets: Dict[str, dict] = {}
+    for record in utt_list:
+        entry = datasets.setdefault(record["dataset"], {"utterances": 0, "speakers": 0, "duration_s": 0.0,
+                                                        "failures": 0})
+        entry["utterances"] += 1
+        entry["duration_s"] += record["duration"]
+    for record in spk_list:
+        datasets[record["dataset"]]["speakers"] += 1
+    for failure in failures:
+        utt = utterances.get(failure["key"])
+        if utt is not None:
+            datasets.setdefault(utt.dataset, {"utterances": 0, "speakers": 0, "duration_s": 0.0,
+                                              "failures": 0})["failures"] += 1
+    for entry in datasets.values():
+        entry["duration_s"] = round(entry["duration_s"], 3)
+    failures.sort(key=lambda f: f["path"])
+    summary = {
+        "total_utterances": len(keys),
+        "total_speakers": len(speaker_keys),
+        "embedding_dimension": int(dim),
+        "total_duration_s": round(float(durations.sum()), 3),
+        "total_input_files": len(utterances),
+        "failures": len(failures),
+        "ignored_files": ignored,
+        "datasets": dict(sorted(datasets.items())),
+        "speaker_mean": {"rule": speaker_mean, "duration_weighted": duration_weighted},
+        "model": meta0["model"],
+        "features": meta0["fingerprint"]["features"],
+        "dtype": meta0["fingerprint"]["dtype"],
+        "channels": meta0["fingerprint"]["channels"],
+        "max_chunk_s": meta0["fingerprint"]["max_chunk_s"],
+        "runs": [{"input_dir": str(Path(d).absolute()), "data_root": scan.data_root,
+                  "world_size": metas[0]["world_size"], "ranks_merged": [m["rank"] for m in metas],
+                  "started": min(m["started"] for m in metas), "finished": max(m["finished"] for m in metas),
+                  "command": metas[0]["command"], "devices": sorted({m["device"] for m in metas}),
+                  "batch_policy": metas[0].get("batch_policy"), "versions": metas[0].get("versions")}
+                 for d, (scan, metas, _) in zip(input_dirs, runs)],
+        "partial": bool(problems),
+        "problems": problems,
+        "formats": formats,
+        "created": datetime.now(timezone.utc).isoformat(),
+    }
+    if len(utterances) != len(keys) + len(failures) and not problems:
+        raise MergeError(f"accounting error: {len(utterances)} inputs but {len(keys)} embedded + "
+                         f"{len(failures)} failed")
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    from speakerlab import formats as formats_mod
+    formats_mod.write_all(output_dir, formats, keys, matrix, utt_list, speaker_keys, speaker_matrix, spk_list,
+                          failures, summary)
+    return summary
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        print(f"error: unknown format(s) {unknown}; choose from {', '.join(FORMATS)}", file=sys.stderr)
+        return 2
+    if "pkl" not in formats:
+        formats.insert(0, "pkl")  # the seed's files are always written
+    try:
+        summary = merge([Path(d) for d in args.input_dir], Path(args.output_dir), formats, args.speaker_mean,
+                        args.duration_weighted, args.allow_partial)
+    except MergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    log.info("merged %d utterances of %d speakers (%d failed) into %s", summary["total_utterances"],
+             summary["total_speakers"], summary["failures"], args.output_dir)
+    if summary["failures"]:
+        log.warning("%d input files were not embedded: see %s", summary["failures"],
+                    Path(args.output_dir) / "failures.json")
+    return 0
