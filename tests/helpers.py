@@ -1,0 +1,50 @@
+"""Small builders shared by the tests: audio trees, tiny model setups, CLI runs."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tone(seconds: float, rate: int = 16000, freq: float = 220.0, seed: int = 0, channels: int = 1):
+    """A voiced-ish test signal: harmonics plus a little noise (deterministic)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    wave = sum(np.sin(2 * np.pi * freq * k * t + seed) / k for k in range(1, 6))
+    wave = 0.2 * wave / np.max(np.abs(wave)) + 0.01 * rng.standard_normal(len(t))
+    if channels > 1:
+        wave = np.stack([wave * (0.5 + 0.5 * c / channels) for c in range(channels)], axis=1)
+    return wave.astype(np.float32)
+
+
+def write_wav(path: Path, wave, rate: int = 16000, subtype: str = "PCM_16") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), wave, rate, subtype=subtype)
+    return path
+
+
+def run_cli(args, env=None, cwd=ROOT, timeout=600):
+    """Run a command with the repo on PYTHONPATH; returns CompletedProcess (text)."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    return subprocess.run([str(a) for a in args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def extract_cmd(data_root, output_dir, *extra):
+    return [sys.executable, ROOT / "extract_speaker_embeddings.py", "--data_root", data_root,
+            "--output_dir", output_dir, "--no_progress", *extra]
+
+
+def merge_cmd(input_dir, output_dir, *extra):
+    return [sys.executable, ROOT / "merge_embeddings.py", "--input_dir", input_dir, "--output_dir", output_dir,
+            *extra]
+
+
+def tiny_model_args(fixtures_dir: Path, name: str = "campplus_tiny"):
+    return ["--model_path", fixtures_dir / name / "model.ckpt", "--config_file", fixtures_dir / name / "config.yaml"]
