@@ -126,11 +126,12 @@ class Fbank(torch.nn.Module):
             waves = waves.float()
             frame_counts = self.frame_lengths(lengths)
             total = int(num_frames(waves.shape[1], cfg.frame_length, cfg.frame_shift))
-            frames = waves.unfold(1, cfg.frame_length, cfg.frame_shift)  # (B, T, L), a view
             feats = torch.empty(waves.shape[0], total, cfg.num_mel_bins, device=waves.device)
-            step = max(1, self.max_frames_per_chunk // max(1, waves.shape[0]))
-            for start in range(0, total, step):
-                feats[:, start:start + step] = self._log_mel(frames[:, start:start + step])
+            if total > 0:
+                frames = waves.unfold(1, cfg.frame_length, cfg.frame_shift)  # (B, T, L), a view
+                step = max(1, self.max_frames_per_chunk // max(1, waves.shape[0]))
+                for start in range(0, total, step):
+                    feats[:, start:start + step] = self._log_mel(frames[:, start:start + step])
             if cfg.mean_norm and total > 0:
                 mask = lengths_to_mask(frame_counts, total).unsqueeze(-1).float()
                 mean = (feats * mask).sum(dim=1, keepdim=True) / frame_counts.clamp(min=1).view(-1, 1, 1)
