@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from speakerlab import data as data_mod
+from speakerlab import stats as stats_mod
 from speakerlab.store import read_embeddings_npz, read_extra, read_json
 
 log = logging.getLogger("speakerlab")
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plain: mean of utterance embeddings (the seed's rule); normalized: mean of L2-normalised ones")
     p.add_argument("--duration_weighted", action="store_true",
                    help="weight each utterance by its duration in the speaker mean")
+    p.add_argument("--closest_pairs", type=int, default=20, metavar="N",
+                   help="list the N most similar speaker pairs in summary.json (possible duplicate identities)")
     p.add_argument("--allow_partial", action="store_true",
                    help="merge the complete ranks even if some are missing or unfinished")
     return p
@@ -108,7 +111,7 @@ def speaker_means(matrix: np.ndarray, speaker_index: np.ndarray, num_speakers: i
 
 # --- main ----------------------------------------------------------------------------------
 def merge(input_dirs: List[Path], output_dir: Path, formats: List[str], speaker_mean: str = "plain",
-          duration_weighted: bool = False, allow_partial: bool = False) -> dict:
+          duration_weighted: bool = False, allow_partial: bool = False, closest_pairs: int = 20) -> dict:
     runs = [collect_run(Path(d), allow_partial) for d in input_dirs]
     first_identity = identity(runs[0][1][0])
     for directory, (_, metas, _) in zip(input_dirs[1:], runs[1:]):
@@ -163,8 +166,12 @@ def merge(input_dirs: List[Path], output_dir: Path, formats: List[str], speaker_
     speaker_seconds = (np.bincount(speaker_index, weights=durations, minlength=len(speaker_keys))
                        if len(keys) else np.zeros(0))
 
+    stats = (stats_mod.speaker_statistics(keys, matrix, speaker_index, len(speaker_keys), speaker_mean,
+                                          durations if duration_weighted else None) if len(keys) else None)
+    pairs = stats_mod.closest_pairs(speaker_matrix, closest_pairs)
+
     utt_list = []
-    for key, seconds in zip(keys, durations):
+    for index, (key, seconds) in enumerate(zip(keys, durations)):
         utt = utterances[key]
         record = {"key": key, "dataset": utt.dataset, "speaker_id": utt.speaker, "speaker_key": utt.speaker_key,
                   "utterance_id": utt.utterance, "path": utt.path, "rel_path": utt.rel_path,
@@ -173,13 +180,17 @@ def merge(input_dirs: List[Path], output_dir: Path, formats: List[str], speaker_
             record.update({"start": utt.start, "end": utt.end})
         if extra.get(key, {}).get("chunks"):
             record["chunks"] = extra[key]["chunks"]
+        record["speaker_cosine"] = round(float(stats["cosine"][index]), 4)
         utt_list.append(record)
     names = {utterances[k].speaker_key: (utterances[k].dataset, utterances[k].speaker) for k in keys}
     spk_list = []
     for index, spk in enumerate(speaker_keys):
         dataset, speaker = names[spk]
         spk_list.append({"key": spk, "dataset": dataset, "speaker_id": speaker,
-                         "num_utterances": int(counts[index]), "duration_s": round(float(speaker_seconds[index]), 3)})
+                         "num_utterances": int(counts[index]), "duration_s": round(float(speaker_seconds[index]), 3),
+                         "mean_cosine": round(float(stats["mean_cosine"][index]), 4),
+                         "min_cosine": round(float(stats["min_cosine"][index]), 4),
+                         "outliers": stats["outliers"][index]})
 
     meta0 = runs[0][1][0]
     datasets: Dict[str, dict] = {}
@@ -208,6 +219,8 @@ def merge(input_dirs: List[Path], output_dir: Path, formats: List[str], speaker_
         "ignored_files": ignored,
         "datasets": dict(sorted(datasets.items())),
         "speaker_mean": {"rule": speaker_mean, "duration_weighted": duration_weighted},
+        "speaker_statistics": stats_mod.summary_block(counts, stats),
+        "closest_speaker_pairs": [[speaker_keys[i], speaker_keys[j], round(min(cos, 1.0), 4)] for i, j, cos in pairs],
         "model": meta0["model"],
         "features": meta0["fingerprint"]["features"],
         "dtype": meta0["fingerprint"]["dtype"],
@@ -222,6 +235,7 @@ def merge(input_dirs: List[Path], output_dir: Path, formats: List[str], speaker_
         "partial": bool(problems),
         "problems": problems,
         "formats": formats,
+        "merge_command": sys.argv,
         "created": datetime.now(timezone.utc).isoformat(),
     }
     if len(utterances) != len(keys) + len(failures) and not problems:
@@ -243,11 +257,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if unknown:
         print(f"error: unknown format(s) {unknown}; choose from {', '.join(FORMATS)}", file=sys.stderr)
         return 2
+    if args.closest_pairs < 0:
+        print("error: --closest_pairs must be >= 0", file=sys.stderr)
+        return 2
     if "pkl" not in formats:
         formats.insert(0, "pkl")  # the seed's files are always written
     try:
         summary = merge([Path(d) for d in args.input_dir], Path(args.output_dir), formats, args.speaker_mean,
-                        args.duration_weighted, args.allow_partial)
+                        args.duration_weighted, args.allow_partial, args.closest_pairs)
     except MergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
