@@ -3,7 +3,8 @@
 Refuses (naming them) missing or incomplete ranks and ranks made with another model, features or
 world size, unless ``--allow_partial``. Several output dirs of separate runs merge into one when
 their model identity and feature settings agree. Speaker embeddings are computed here, from every
-utterance of the speaker across ranks, never as a mean of per-rank means.
+utterance of the speaker across ranks, never as a mean of per-rank means; so are the per-speaker
+statistics (centroid cosines, outliers) and the closest speaker pairs (speakerlab/stats.py).
 """
 import argparse
 import logging
