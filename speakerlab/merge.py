@@ -99,14 +99,9 @@ def identity(meta: dict) -> dict:
 # --- speaker means -------------------------------------------------------------------------
 def speaker_means(matrix: np.ndarray, speaker_index: np.ndarray, num_speakers: int, rule: str,
                   weights: Optional[np.ndarray] = None) -> np.ndarray:
-    """Exact per-speaker means (float64 accumulation) of the rows of ``matrix``."""
-    rows = matrix.astype(np.float64)
-    if rule == "normalized":
-        rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-    w = np.ones(len(rows)) if weights is None else weights.astype(np.float64)
-    sums = np.zeros((num_speakers, rows.shape[1]))
-    np.add.at(sums, speaker_index, rows * w[:, None])
-    totals = np.bincount(speaker_index, weights=w, minlength=num_speakers)
+    """Exact per-speaker means (float64 accumulation, in chunks) of the rows of ``matrix``."""
+    sums = stats_mod.speaker_sums(matrix, speaker_index, num_speakers, rule, weights)
+    totals = np.bincount(speaker_index, weights=weights, minlength=num_speakers)
     return (sums / totals[:, None]).astype(np.float32)
 
 
