@@ -35,10 +35,15 @@ def decode(path: str, start: Optional[float] = None, end: Optional[float] = None
             rate = handle.samplerate
             first = 0 if start is None else max(0, int(round(start * rate)))
             last = -1 if end is None else int(round(end * rate))
+            if first >= handle.frames > 0:
+                raise AudioError(path, "decode", f"segment starts at {start} s, after the end of the "
+                                                 f"file ({handle.frames / rate:.3f} s)")
             if first:
                 handle.seek(first)
             count = -1 if last < 0 else max(0, last - first)
             data = handle.read(frames=count, dtype="float32", always_2d=True)
+    except AudioError:
+        raise
     except Exception as exc:  # LibsndfileError, RuntimeError, OSError (permissions), TypeError ...
         reason = str(exc).strip() or type(exc).__name__
         if isinstance(exc, PermissionError):

@@ -49,6 +49,7 @@ class ScanResult:
     utterances: List[Utterance]
     ignored: Dict[str, int] = field(default_factory=dict)  # reason -> count
     ignored_examples: List[str] = field(default_factory=list)
+    source: Dict[str, object] = field(default_factory=dict)  # what was read (see manifest.describe_source)
 
 
 def _walk(root: Path) -> Iterable[Tuple[Tuple[str, ...], Path]]:
@@ -159,7 +160,8 @@ def save_scan(scan: ScanResult, path: Path) -> None:
     """Columnar JSON (compact for millions of rows), written atomically."""
     rows = [[getattr(u, f) for f in _FIELDS] for u in scan.utterances]
     payload = {"data_root": scan.data_root, "fields": _FIELDS, "rows": rows,
-               "ignored": scan.ignored, "ignored_examples": scan.ignored_examples}
+               "ignored": scan.ignored, "ignored_examples": scan.ignored_examples,
+               "source": scan.source or {"type": "tree", "path": scan.data_root}}
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(payload, handle, ensure_ascii=False, separators=(",", ":"))
@@ -172,7 +174,8 @@ def load_scan(path: Path) -> ScanResult:
     fields = payload["fields"]
     utterances = [Utterance(**dict(zip(fields, row))) for row in payload["rows"]]
     return ScanResult(payload["data_root"], utterances, payload.get("ignored", {}),
-                      payload.get("ignored_examples", []))
+                      payload.get("ignored_examples", []),
+                      payload.get("source") or {"type": "tree", "path": payload["data_root"]})
 
 
 def utterance_record(utt: Utterance) -> Dict[str, object]:

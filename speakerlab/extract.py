@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import time
 from datetime import datetime, timedelta, timezone
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from speakerlab import data as data_mod
+from speakerlab import manifest as manifest_mod
 from speakerlab.audio import AudioError, load_audio
 from speakerlab.batching import pad_waves, plan_batches
 from speakerlab.config import ConfigError, load_config
@@ -37,7 +39,15 @@ class UsageError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Extract speaker embeddings (one torchrun rank).")
-    p.add_argument("--data_root", required=True, help="data_root/<dataset>/<speaker>/<utt>.<wav|flac|ogg|mp3>")
+    p.add_argument("--data_root", default=None,
+                   help="data_root/<dataset>/<speaker>/<utt>.<wav|flac|ogg|mp3>; with --manifest or --kaldi_dir: "
+                        "the folder that relative audio paths start from")
+    p.add_argument("--manifest", default=None,
+                   help="CSV/TSV/JSONL list instead of a tree: columns path, speaker, dataset [, utterance, start, end]")
+    p.add_argument("--kaldi_dir", default=None,
+                   help="Kaldi data dir instead of a tree: wav.scp, utt2spk [, segments]")
+    p.add_argument("--dataset", default=None,
+                   help="dataset name for --kaldi_dir (default: the dir's name) or manifest rows without one")
     p.add_argument("--output_dir", required=True, help="per-rank results go to output_dir/rank_XX/")
     p.add_argument("--model_path", default=None,
                    help="checkpoint (state_dict); default: the embedded CAM++ zh/en common model")
@@ -60,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="discard earlier results in output_dir")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any file fails")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--scan_timeout", type=float, default=12 * 3600,
+                   help="seconds the other ranks wait for rank 0's scan of the input")
     return p
 
 
@@ -70,8 +82,9 @@ def rank_info():
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         local = int(env.get("LOCAL_RANK", rank))
         local_world = int(env.get("LOCAL_WORLD_SIZE", world))
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun without torchrun
-        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+    elif "SLURM_PROCID" in env and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_NTASKS" in env):  # srun, no torchrun
+        rank = int(env["SLURM_PROCID"])
+        world = int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
         local = int(env.get("SLURM_LOCALID", 0))
         local_world = int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
     else:
@@ -105,38 +118,117 @@ def cpu_plan(num_workers: int, local_world: int, device: torch.device):
 
 
 # --- scan ----------------------------------------------------------------------------------
+# Rank 0 alone reads the input and writes scan.json (atomically); the other ranks wait for it, then
+# load it. With a process group (torchrun, or MASTER_ADDR/MASTER_PORT set under srun) rank 0's
+# outcome is broadcast; without one (plain srun) rank 0 publishes it in scan.ready.json tagged with
+# this run's id (the Slurm job/step/restart), so a stale scan.json or marker of an earlier run is
+# never taken for this one, and rank 0's errors reach every rank instead of leaving them waiting.
 def scan_path(output_dir: Path) -> Path:
     return output_dir / "scan.json"
 
 
-def prepare_scan(args, output_dir: Path, rank: int, world: int, dist_ready: bool) -> data_mod.ScanResult:
+def ready_path(output_dir: Path) -> Path:
+    return output_dir / "scan.ready.json"
+
+
+def group_env() -> bool:
+    """Whether the ranks can form a process group (torchrun sets these; under srun, the user may)."""
+    return "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
+
+
+def run_id() -> Optional[str]:
+    env = os.environ
+    if env.get("SPEAKERLAB_RUN_ID"):
+        return env["SPEAKERLAB_RUN_ID"]
+    if env.get("SLURM_JOB_ID"):
+        step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", "-"))
+        return f"slurm-{env['SLURM_JOB_ID']}.{step}.{env.get('SLURM_RESTART_COUNT', '0')}"
+    return None
+
+
+def scan_on_rank0(args, source: dict, output_dir: Path, world: int) -> data_mod.ScanResult:
     path = scan_path(output_dir)
-    data_root = str(Path(args.data_root).absolute())
+    if path.is_file() and not args.overwrite:
+        scan = data_mod.load_scan(path)
+        change = manifest_mod.source_changed(scan.source, source)
+        if change:
+            raise UsageError(f"{output_dir} cannot be resumed: {change}; use another --output_dir or --overwrite")
+        log.info("reusing %s (%d utterances)", path, len(scan.utterances))
+    else:
+        started = time.time()
+        scan = manifest_mod.scan_source(source)
+        if not scan.utterances:
+            raise UsageError(f"no audio files found under {source['path']} (expected "
+                             "<dataset>/<speaker>/<utterance>.wav|flac|ogg|mp3)")
+        data_mod.read_headers(scan.utterances, args.header_threads)
+        data_mod.save_scan(scan, path)
+        log.info("scanned %d utterances in %.1f s", len(scan.utterances), time.time() - started)
+    stale = sorted(p for p in output_dir.glob("rank_*")
+                   if p.is_dir() and p.name[5:].isdigit() and int(p.name[5:]) >= world)
+    if stale and not args.overwrite:
+        raise UsageError(f"{output_dir} holds results of more ranks ({', '.join(p.name for p in stale)}) than "
+                         f"this run's world size {world}; rerun with the same world size or --overwrite")
+    for directory in stale:  # --overwrite: results of a larger earlier run must not reach the merge
+        shutil.rmtree(directory, ignore_errors=True)
+    return scan
+
+
+def wait_for_rank0(output_dir: Path, identity: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    next_note = time.monotonic() + 60
+    while True:
+        try:
+            marker = read_json(ready_path(output_dir))
+            if marker.get("run_id") == identity:
+                return marker
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            raise UsageError(f"rank 0 did not finish scanning the input within {timeout:.0f} s "
+                             f"(no {ready_path(output_dir)} for run {identity}); did rank 0 start and survive?")
+        if time.monotonic() > next_note:
+            log.info("waiting for rank 0 to scan the input (run %s)", identity)
+            next_note = time.monotonic() + 300
+        time.sleep(2.0)
+
+
+def prepare_scan(args, source: dict, output_dir: Path, rank: int, world: int,
+                 dist_ready: bool) -> data_mod.ScanResult:
+    identity = run_id() if world > 1 and not dist_ready else None
+    if world > 1 and not dist_ready and identity is None:
+        raise UsageError(f"{world} ranks but no way to coordinate them: set MASTER_ADDR and MASTER_PORT (a process "
+                         "group), or run under Slurm, or set SPEAKERLAB_RUN_ID to one value on every rank")
+    scan, problem, unexpected = None, "", None
     if rank == 0:
-        scan = None
-        if path.is_file() and not args.overwrite:
-            scan = data_mod.load_scan(path)
-            if scan.data_root != data_root:
-                raise UsageError(f"{output_dir} holds a scan of {scan.data_root}, not {data_root}; "
-                                 "use another --output_dir or --overwrite")
-            log.info("reusing %s (%d utterances)", path, len(scan.utterances))
-        else:
-            started = time.time()
-            scan = data_mod.scan_tree(data_root)
-            if not scan.utterances:
-                raise UsageError(f"no audio files found under {data_root} (expected "
-                                 "<dataset>/<speaker>/<utterance>.wav|flac|ogg|mp3)")
-            data_mod.read_headers(scan.utterances, args.header_threads)
-            data_mod.save_scan(scan, path)
-            log.info("scanned %d utterances in %.1f s", len(scan.utterances), time.time() - started)
+        if identity is not None:
+            ready_path(output_dir).unlink(missing_ok=True)
+        try:
+            scan = scan_on_rank0(args, source, output_dir, world)
+        except (UsageError, data_mod.DataError) as exc:
+            problem = str(exc)
+        except Exception as exc:  # told to the other ranks, then raised here with its traceback
+            problem, unexpected = f"rank 0 failed while scanning: {type(exc).__name__}: {exc}", exc
     if world > 1:
         if dist_ready:
-            torch.distributed.barrier()
-        else:  # srun without a process group: wait for rank 0's file
-            while not path.is_file():
-                time.sleep(2)
-        if rank != 0:
-            scan = data_mod.load_scan(path)
+            box = [problem, keys_digest(scan.utterances) if scan else ""]
+            torch.distributed.broadcast_object_list(box, src=0)
+            problem, digest = box
+        elif rank == 0:
+            digest = keys_digest(scan.utterances) if scan else ""
+            atomic_write_json(ready_path(output_dir), {"run_id": identity, "error": problem, "keys_sha1": digest,
+                                                       "time": datetime.now(timezone.utc).isoformat()})
+        else:
+            marker = wait_for_rank0(output_dir, identity, args.scan_timeout)
+            problem, digest = marker.get("error", ""), marker.get("keys_sha1", "")
+    if unexpected is not None:
+        raise unexpected
+    if problem:
+        raise UsageError(problem if rank == 0 else f"rank 0: {problem}")
+    if rank != 0:
+        scan = data_mod.load_scan(scan_path(output_dir))
+        if keys_digest(scan.utterances) != digest:
+            raise UsageError(f"{scan_path(output_dir)} is not the scan rank 0 made for this run "
+                             "(another run writing to the same --output_dir?)")
     return scan
 
 
@@ -208,8 +300,10 @@ def run(args) -> int:
     rank, world, local_rank, local_world = rank_info()
     output_dir = Path(args.output_dir)
     started = datetime.now(timezone.utc)
-    if not Path(args.data_root).is_dir():
-        raise UsageError(f"--data_root {args.data_root} is not a directory")
+    if (args.manifest is not None) + (args.kaldi_dir is not None) > 1 or (
+            args.data_root is None and args.manifest is None and args.kaldi_dir is None):
+        raise UsageError("give exactly one input: --data_root DIR (a tree), --manifest FILE or --kaldi_dir DIR")
+    source = manifest_mod.describe_source(args.data_root, args.manifest, args.kaldi_dir, args.dataset)
     model_path, config_file, model_name = resolve_model(args)
     try:
         config = load_config(config_file)
@@ -228,26 +322,23 @@ def run(args) -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
 
     dist_ready = False
-    if world > 1 and "MASTER_ADDR" in os.environ and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo", timeout=timedelta(hours=12))
+    if world > 1 and group_env() and not torch.distributed.is_initialized():
+        # rank and world given explicitly: under srun only SLURM_* say them, RANK/WORLD_SIZE are unset
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world,
+                                             timeout=timedelta(seconds=max(args.scan_timeout, 60)))
         dist_ready = True
     try:
-        scan = prepare_scan(args, output_dir, rank, world, dist_ready)
+        scan = prepare_scan(args, source, output_dir, rank, world, dist_ready)
     finally:
         if dist_ready:
             torch.distributed.destroy_process_group()
-    if rank == 0:
-        stale = [p.name for p in output_dir.glob("rank_*")
-                 if p.is_dir() and p.name[5:].isdigit() and int(p.name[5:]) >= world]
-        if stale and not args.overwrite:
-            raise UsageError(f"{output_dir} holds results of more ranks ({', '.join(sorted(stale))}) than "
-                             f"this run's world size {world}; rerun with the same world size or --overwrite")
     shard = data_mod.shard_by_duration(scan.utterances, rank, world)
     model_identity = {"name": model_name, "checkpoint": str(model_path),
                       "sha256": file_sha256(model_path), "config": config.to_dict()}
     fingerprint = {"model_sha256": model_identity["sha256"], "model_config": config.to_dict(),
                    "features": embedder.fbank.describe(), "dtype": dtype, "channels": args.channels,
-                   "max_chunk_s": args.max_chunk_s, "data_root": scan.data_root, "world_size": world,
+                   "max_chunk_s": args.max_chunk_s, "data_root": scan.data_root, "source": scan.source,
+                   "world_size": world,
                    "rank": rank, "num_utterances": len(scan.utterances), "keys_sha1": keys_digest(scan.utterances)}
 
     store = RankStore(output_dir, rank)
@@ -360,5 +451,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return run(args)
     except (UsageError, data_mod.DataError) as exc:
+        tell_waiting_ranks(Path(args.output_dir), str(exc))
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BaseException as exc:
+        tell_waiting_ranks(Path(args.output_dir), f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def tell_waiting_ranks(output_dir: Path, message: str) -> None:
+    """Rank 0 failed before publishing its scan (no process group): say so, so others stop waiting."""
+    rank, world, _, _ = rank_info()
+    identity = run_id()
+    if rank != 0 or world == 1 or identity is None or group_env() or not output_dir.is_dir():
+        return
+    try:
+        if read_json(ready_path(output_dir)).get("run_id") == identity:
+            return  # already published (the scan went through, or its error was told)
+    except (OSError, ValueError):
+        pass
+    try:
+        atomic_write_json(ready_path(output_dir), {"run_id": identity, "error": message, "keys_sha1": ""})
+    except OSError:
+        pass

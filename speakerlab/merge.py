@@ -222,7 +222,7 @@ def merge(input_dirs: List[Path], output_dir: Path, formats: List[str], speaker_
         "dtype": meta0["fingerprint"]["dtype"],
         "channels": meta0["fingerprint"]["channels"],
         "max_chunk_s": meta0["fingerprint"]["max_chunk_s"],
-        "runs": [{"input_dir": str(Path(d).absolute()), "data_root": scan.data_root,
+        "runs": [{"input_dir": str(Path(d).absolute()), "data_root": scan.data_root, "source": scan.source,
                   "world_size": metas[0]["world_size"], "ranks_merged": [m["rank"] for m in metas],
                   "started": min(m["started"] for m in metas), "finished": max(m["finished"] for m in metas),
                   "command": metas[0]["command"], "devices": sorted({m["device"] for m in metas}),
