@@ -4,7 +4,11 @@
 # Every variable below can be set in the environment or with a flag: --data_root DIR, --gpus "0 1", ...
 set -euo pipefail
 
+DATA_ROOT_GIVEN=${DATA_ROOT:+1}
 DATA_ROOT=${DATA_ROOT:-data}
+MANIFEST=${MANIFEST:-}                    # instead of a tree: a CSV/TSV/JSONL manifest ...
+KALDI_DIR=${KALDI_DIR:-}                  # ... or a Kaldi data dir (DATA_ROOT, if set, is then the base of relative paths)
+DATASET=${DATASET:-}                      # dataset name for KALDI_DIR (default: its folder name)
 MODEL_PATH=${MODEL_PATH:-}                # empty: the embedded CAM++ zh/en common model
 CONFIG_FILE=${CONFIG_FILE:-}              # needed with MODEL_PATH, e.g. conf/eres2netv2.yaml
 OUTPUT_DIR=${OUTPUT_DIR:-exp/embeddings_tmp}
@@ -26,7 +30,8 @@ stop_stage=3
 
 usage() {
   sed -n '2,4p' "$0"
-  echo "flags: --stage N --stop_stage N --data_root --model_path --config_file --output_dir --final_output_dir"
+  echo "flags: --stage N --stop_stage N --data_root --manifest --kaldi_dir --dataset --model_path --config_file"
+  echo "       --output_dir --final_output_dir"
   echo "       --gpus \"0 1\" --batch_size --num_workers --dtype --formats --nnodes --node_rank --master_addr"
   echo "       --master_port --cpu_procs --python --extra_args \"...\""
 }
@@ -35,7 +40,10 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --stage) stage=$2 ;;
     --stop_stage) stop_stage=$2 ;;
-    --data_root) DATA_ROOT=$2 ;;
+    --data_root) DATA_ROOT=$2; DATA_ROOT_GIVEN=1 ;;
+    --manifest) MANIFEST=$2 ;;
+    --kaldi_dir) KALDI_DIR=$2 ;;
+    --dataset) DATASET=$2 ;;
     --model_path) MODEL_PATH=$2 ;;
     --config_file) CONFIG_FILE=$2 ;;
     --output_dir) OUTPUT_DIR=$2 ;;
@@ -62,7 +70,12 @@ cd "$(dirname "$0")"
 die() { echo "error: $*" >&2; exit 1; }
 
 if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
-  echo "== stage 1: extract embeddings from $DATA_ROOT into $OUTPUT_DIR"
+  input_args=()
+  [ -n "$MANIFEST" ] && input_args+=(--manifest "$MANIFEST")
+  [ -n "$KALDI_DIR" ] && input_args+=(--kaldi_dir "$KALDI_DIR")
+  if [ ${#input_args[@]} -eq 0 ] || [ -n "${DATA_ROOT_GIVEN:-}" ]; then input_args+=(--data_root "$DATA_ROOT"); fi
+  [ -n "$DATASET" ] && input_args+=(--dataset "$DATASET")
+  echo "== stage 1: extract embeddings (${input_args[*]}) into $OUTPUT_DIR"
   model_args=()
   [ -n "$MODEL_PATH" ] && model_args+=(--model_path "$MODEL_PATH")
   [ -n "$CONFIG_FILE" ] && model_args+=(--config_file "$CONFIG_FILE")
@@ -81,7 +94,7 @@ if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
   extra=($EXTRA_ARGS)
   $PYTHON -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$nproc" \
       --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-      extract_speaker_embeddings.py --data_root "$DATA_ROOT" --output_dir "$OUTPUT_DIR" \
+      extract_speaker_embeddings.py "${input_args[@]}" --output_dir "$OUTPUT_DIR" \
       "${model_args[@]}" "${device_args[@]}" --batch_size "$BATCH_SIZE" --num_workers "$NUM_WORKERS" \
       --dtype "$DTYPE" "${extra[@]}" \
     || die "stage 1 (extraction) failed; rerun the same command to resume where it stopped"

@@ -210,26 +210,50 @@ def prepare_scan(args, source: dict, output_dir: Path, rank: int, world: int,
             problem, unexpected = f"rank 0 failed while scanning: {type(exc).__name__}: {exc}", exc
     if world > 1:
         if dist_ready:
-            box = [problem, keys_digest(scan.utterances) if scan else ""]
+            box = [problem, scan_digest(scan) if scan else ""]
             torch.distributed.broadcast_object_list(box, src=0)
             problem, digest = box
         elif rank == 0:
-            digest = keys_digest(scan.utterances) if scan else ""
-            atomic_write_json(ready_path(output_dir), {"run_id": identity, "error": problem, "keys_sha1": digest,
+            digest = scan_digest(scan) if scan else ""
+            atomic_write_json(ready_path(output_dir), {"run_id": identity, "error": problem, "scan_sha1": digest,
                                                        "time": datetime.now(timezone.utc).isoformat()})
         else:
             marker = wait_for_rank0(output_dir, identity, args.scan_timeout)
-            problem, digest = marker.get("error", ""), marker.get("keys_sha1", "")
+            problem, digest = marker.get("error", ""), marker.get("scan_sha1", "")
     if unexpected is not None:
         raise unexpected
     if problem:
         raise UsageError(problem if rank == 0 else f"rank 0: {problem}")
     if rank != 0:
-        scan = data_mod.load_scan(scan_path(output_dir))
-        if keys_digest(scan.utterances) != digest:
-            raise UsageError(f"{scan_path(output_dir)} is not the scan rank 0 made for this run "
-                             "(another run writing to the same --output_dir?)")
+        scan = load_published_scan(scan_path(output_dir), digest)
     return scan
+
+
+def scan_digest(scan: data_mod.ScanResult) -> str:
+    """What sharding depends on: every utterance's key, audio, segment and length."""
+    digest = hashlib.sha1()
+    for u in scan.utterances:
+        digest.update(f"{u.key}\0{u.path}\0{u.start}\0{u.end}\0{u.sample_rate}\0{u.num_samples}\n"
+                      .encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
+def load_published_scan(path: Path, digest: str, patience: float = 120.0) -> data_mod.ScanResult:
+    """Rank 0's scan.json, checked against the digest it announced. A shared filesystem's client cache
+    may show the previous file for a while after rank 0 replaced it, so mismatches are retried."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            scan = data_mod.load_scan(path)
+            if scan_digest(scan) == digest:
+                return scan
+            problem = "it differs from the one rank 0 announced"
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            problem = f"unreadable ({exc})"
+        if time.monotonic() > deadline:
+            raise UsageError(f"{path} is not the scan rank 0 made for this run: {problem} (another run "
+                             "writing to the same --output_dir?)")
+        time.sleep(2.0)
 
 
 # --- decoding in workers -------------------------------------------------------------------
@@ -471,6 +495,6 @@ def tell_waiting_ranks(output_dir: Path, message: str) -> None:
     except (OSError, ValueError):
         pass
     try:
-        atomic_write_json(ready_path(output_dir), {"run_id": identity, "error": message, "keys_sha1": ""})
+        atomic_write_json(ready_path(output_dir), {"run_id": identity, "error": message, "scan_sha1": ""})
     except OSError:
         pass
