@@ -1,5 +1,5 @@
-"""Several nodes on one machine: torchrun with --nnodes 2 (static rendezvous, and c10d through the example
-Slurm batch script with stand-in srun/scontrol), and plain srun-style ranks (SLURM_* variables only)."""
+"""Several nodes on one machine: two torchrun 'nodes' (--nnodes 2, c10d rendezvous) started by the example
+Slurm batch script with stand-in srun/scontrol, and plain srun-style ranks (SLURM_* variables only)."""
 import json
 import os
 import socket
@@ -80,23 +80,6 @@ def one_rank(tree, tmp_path_factory, fixtures_dir):
 
 def rank_dirs(output_dir):
     return sorted(p.name for p in output_dir.glob("rank_*"))
-
-
-def test_two_torchrun_nodes_equal_one_rank(tree, one_rank, tmp_path, fixtures_dir):
-    """Static rendezvous (what run_embedding_extraction.sh uses); c10d: test_example_sbatch_script."""
-    port = free_port()
-    procs = []
-    for node in range(2):
-        launch = ["--master_addr", "127.0.0.1", "--master_port", str(port)]
-        procs.append(start([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", node,
-                            "--nproc_per_node", "1", *launch, "extract_speaker_embeddings.py",
-                            "--data_root", tree, "--output_dir", tmp_path / "tmp", *model_args(fixtures_dir)], {}))
-    for code, out in finish(procs):
-        assert code == 0, out[-3000:]
-    assert rank_dirs(tmp_path / "tmp") == ["rank_00", "rank_01"]
-    metas = [json.loads((tmp_path / "tmp" / d / "metadata.json").read_text()) for d in ("rank_00", "rank_01")]
-    assert [m["world_size"] for m in metas] == [2, 2] and sum(m["counts"]["assigned"] for m in metas) == 7
-    assert_same(embeddings(tmp_path / "tmp", tmp_path / "final"), one_rank)
 
 
 def slurm_env(rank, world=2, job="777", step="0"):

@@ -1,7 +1,6 @@
 """Manifests (CSV/TSV/JSONL/JSON) and Kaldi data dirs as inputs; segments of long recordings."""
 import json
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import soundfile as sf
 from speakerlab import extract, manifest, merge
 from speakerlab.audio import AudioError, load_audio
 from speakerlab.data import DataError, Utterance, read_header
-from tests.helpers import run_cli, tiny_model_args, tone, write_wav
+from tests.helpers import tiny_model_args, tone, write_wav
 
 
 def write(path, text):
@@ -243,25 +242,3 @@ def test_input_arguments_are_checked(tmp_path, fixtures_dir, capsys):
         assert extract_in_process(fixtures_dir, tmp_path / "out", *args) == 2
         err = capsys.readouterr().err
         assert f"error: " in err and message in err, (args, err)
-
-
-@pytest.mark.slow
-def test_rttm_segments_reproduce_reference_embeddings(tmp_path, fixtures_dir):
-    """Segments of the pyannote sample named by its RTTM, read in place, give 3D-Speaker's embeddings
-    of the cut files (real CAM++ checkpoint)."""
-    from speakerlab import zoo
-    wav, rttm = zoo.fetch(zoo.DEMO_WAV), zoo.fetch(zoo.DEMO_RTTM)
-    rows = ["path,speaker,dataset,utterance,start,end"]
-    for index, (start, duration, speaker) in enumerate(zoo.read_rttm(rttm)):
-        if duration >= 0.5:
-            rows.append(f"{wav},{speaker},pyannote_sample,seg{index:02d},{start},{start + duration}")
-    write(tmp_path / "m.csv", "\n".join(rows) + "\n")
-    r = run_cli([sys.executable, "extract_speaker_embeddings.py", "--manifest", tmp_path / "m.csv",
-                 "--output_dir", tmp_path / "tmp", "--dtype", "fp32", "--no_progress"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    got = final_embeddings(tmp_path / "tmp", tmp_path / "final")
-    expected = np.load(fixtures_dir / "campplus_sample" / "expected.npz")
-    assert sorted(got) == sorted(expected.files)
-    for key in expected.files:
-        a, b = got[key], expected[key]
-        assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) >= 0.9999, key
