@@ -1,9 +1,10 @@
 """Stage 1: one rank's share of the utterances -> embeddings under ``output_dir/rank_XX``.
 
-Runs as plain ``python`` (one rank) or under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK, any
-number of nodes sharing ``output_dir``). Rank 0 scans the tree and saves ``scan.json``; every rank
-takes its duration-balanced shard, skips what an earlier run already flushed, and writes its
-results atomically as it goes.
+Runs as plain ``python`` (one rank), under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK, any
+number of nodes sharing ``output_dir``) or as ``srun`` tasks (SLURM_PROCID / SLURM_NTASKS). Rank 0
+reads the input (a tree, a manifest or a Kaldi data dir) and saves ``scan.json``; every rank takes
+its duration-balanced shard, skips what an earlier run already flushed, and writes its results
+atomically as it goes, only under its own ``rank_XX``.
 """
 import argparse
 import hashlib
