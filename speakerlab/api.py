@@ -248,6 +248,7 @@ class EmbeddingSet:
         self._speaker_index = {k: i for i, k in enumerate(self.speaker_keys)}
         self._normed = None
         self._speaker_normed = None
+        self._labels = None
         self._paths = None
         self._model = None
         self._utterances = None
@@ -305,6 +306,11 @@ class EmbeddingSet:
     def speaker_labels(self) -> List[str]:
         """Speaker key of every utterance, in ``keys`` order."""
         return [r["speaker_key"] for r in self._records]
+
+    def _labels_array(self) -> np.ndarray:
+        if self._labels is None:
+            self._labels = np.array(self.speaker_labels(), dtype=object)
+        return self._labels
 
     def _unit(self) -> np.ndarray:
         if self._normed is None:
@@ -371,7 +377,7 @@ class EmbeddingSet:
         if own_key is not None:
             keep[self._index[own_key]] = False
         if same_speaker is not None:
-            mine = np.array([r["speaker_key"] == speaker for r in self._records], dtype=bool)
+            mine = self._labels_array() == speaker
             keep &= mine if same_speaker else ~mine
         return _top(self.keys, scores, keep, k)
 
@@ -391,7 +397,7 @@ class EmbeddingSet:
     def speaker_similarity(self) -> Tuple[List[str], np.ndarray]:
         """(speaker keys, S x S cosine matrix of the speaker embeddings)."""
         unit = self._speaker_unit()
-        return list(self.speaker_keys), unit @ unit.T
+        return list(self.speaker_keys), np.clip(unit @ unit.T, -1.0, 1.0)
 
     # --- subsets ---
     def _subset(self, rows: Sequence[int], speakers: Optional[Iterable[str]] = None) -> "EmbeddingSet":
