@@ -117,7 +117,8 @@ def test_trials_files(final, tmp_path):
 
 
 def test_example_usage_prints_demos_and_plots(final, tmp_path):
-    r = run_cli([sys.executable, ROOT / "example_usage.py", final, "-k", "3", "--plot", tmp_path / "pics"])
+    r = run_cli([sys.executable, ROOT / "example_usage.py", final, "-k", "3", "--method", "pca",
+                 "--plot", tmp_path / "pics"])
     assert r.returncode == 0, r.stderr
     for heading in ("1. Similarity of two utterances", "2. Top-3 utterances most similar to",
                     "3. Speaker-by-speaker similarity", "4. Search by dataset and by speaker", "5. Text report"):
