@@ -128,15 +128,29 @@ def report_demo(final_dir: Path) -> None:
     except ImportError:
         print("speakerlab.report is not available in this checkout; skipped")
         return
-    status = report.main([str(final_dir)])
-    if status:
-        print(f"(the report exited with status {status})")
+    try:
+        print(report.render(final_dir), end="")
+    except report.ReportError as exc:
+        print(f"no report: {exc}")
 
 
-def plot_demo(emb, out_dir: Path, trials, method: str) -> None:
+def trials_demo(trials: str, target, nontarget) -> None:
+    from speakerlab.plots import equal_error_rate
+    section(f"6. Trials {trials}: cosine scoring")
+    print(f"{len(target)} target, {len(nontarget)} non-target trials")
+    if len(target):
+        print(f"mean target score {target.mean():.3f}")
+    if len(nontarget):
+        print(f"mean non-target score {nontarget.mean():.3f}")
+    if len(target) and len(nontarget):
+        eer, threshold = equal_error_rate(target, nontarget)
+        print(f"EER {eer:.2%} at threshold {threshold:.3f}")
+
+
+def plot_demo(emb, out_dir: Path, trials, method: str, scores=None) -> None:
     from speakerlab import plots
     section(f"Pictures in {out_dir}")
-    for path in plots.plot_all(emb, out_dir, trials=trials, method=method):
+    for path in plots.plot_all(emb, out_dir, trials=trials, method=method, scores=scores):
         print(f"  {path}")
 
 
@@ -171,8 +185,12 @@ def main(argv=None) -> int:
             except ImportError as exc:
                 raise ValueError(f"--plot needs matplotlib and scikit-learn ({exc}); "
                                  "pip install -r requirements.txt") from None
-        if args.trials and not Path(args.trials).is_file():
-            raise ValueError(f"--trials {args.trials} is not a file")
+        trial_scores = None
+        if args.trials:
+            from speakerlab import plots
+            if not Path(args.trials).is_file():
+                raise ValueError(f"--trials {args.trials} is not a file")
+            trial_scores = plots.trial_scores(emb, plots.read_trials(args.trials))
         query = args.query or default_query(emb)
         emb.embedding(query)  # fails early, with the reason, on an unknown query
         for name in args.pair or ():
@@ -193,8 +211,10 @@ def main(argv=None) -> int:
     search_demo(emb, dataset, speaker, args.k)
     if not args.no_report:
         report_demo(final_dir)
+    if trial_scores is not None:
+        trials_demo(args.trials, *trial_scores)
     if args.plot:
-        plot_demo(emb, Path(args.plot), args.trials, args.method)
+        plot_demo(emb, Path(args.plot), args.trials, args.method, trial_scores)
     return 0
 
 

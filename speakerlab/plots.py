@@ -379,14 +379,19 @@ def det_curve(target, nontarget, path, source: str = "") -> Path:
 
 
 # --- all at once -----------------------------------------------------------------------------
-def plot_all(emb, out_dir, trials=None, method: str = "auto", max_speakers: int = 20) -> List[Path]:
-    """Write the pictures of ``emb`` into ``out_dir``; score plots from ``trials`` (a file of trials)
-    or, without one, from the set's own utterance pairs (same speaker = target)."""
+def plot_all(emb, out_dir, trials=None, method: str = "auto", max_speakers: int = 20,
+             scores: Optional[Tuple[Sequence[float], Sequence[float]]] = None) -> List[Path]:
+    """Write the pictures of ``emb`` into ``out_dir``; score plots from ``scores`` (target, non-target)
+    when given, else from ``trials`` (a file of trials), else from the set's own utterance pairs
+    (same speaker = target)."""
     out_dir = Path(out_dir)
     written = [speaker_map(emb, out_dir / "speaker_map.png", method, max_speakers),
                speaker_similarity(emb, out_dir / "speaker_similarity.png", max(max_speakers, 40)),
                utterance_similarity(emb, out_dir / "utterance_similarity.png")]
-    if trials is not None:
+    if scores is not None:
+        target, nontarget = (np.asarray(s, dtype=np.float64) for s in scores)
+        source = f"trials: {os.path.basename(str(trials))}" if trials is not None else "given scores"
+    elif trials is not None:
         target, nontarget = trial_scores(emb, read_trials(trials))
         source = f"trials: {os.path.basename(str(trials))}"
     else:

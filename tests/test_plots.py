@@ -125,9 +125,13 @@ def test_example_usage_prints_demos_and_plots(final, tmp_path):
         assert heading in r.stdout
     assert "same speaker:" in r.stdout and "other speakers:" in r.stdout
     assert len(list((tmp_path / "pics").glob("*.png"))) == 5
+    trials = tmp_path / "trials"
+    trials.write_text("dsA_spk0_u00 dsA_spk0_u01 target\ndsA_spk0_u00 dsB_spk1_u00 nontarget\n")
     r = run_cli([sys.executable, ROOT / "example_usage.py", final, "--query", "dsB/spk2/u00.wav",
-                 "--dataset", "dsB", "--speaker", "spk1", "--pair", "dsA_spk0_u00", "dsA_spk0", "--no_report"])
+                 "--dataset", "dsB", "--speaker", "spk1", "--pair", "dsA_spk0_u00", "dsA_spk0", "--no_report",
+                 "--trials", trials])
     assert r.returncode == 0, r.stderr
+    assert "1 target, 1 non-target trials" in r.stdout and "EER 0.00%" in r.stdout
     assert "(speaker dsB_spk2)" in r.stdout and "speaker spk1: " in r.stdout and "dsA_spk0_u00  vs  dsA_spk0:" in r.stdout
 
 
@@ -136,6 +140,7 @@ def test_example_usage_prints_demos_and_plots(final, tmp_path):
     (["{final}", "--query", "nobody"], "'nobody' is not an utterance key"),
     (["{final}", "--dataset", "dsZ"], "no dataset 'dsZ'"),
     (["{final}", "-k", "0"], "-k must be at least 1"),
+    (["{final}", "--trials", "{missing}"], "is not a file"),
 ])
 def test_example_usage_bad_arguments(final, tmp_path, args, message):
     argv = [a.format(final=final, missing=tmp_path / "missing") for a in args]
