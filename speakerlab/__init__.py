@@ -1,0 +1,18 @@
+"""speakerlab: speaker-embedding extraction (3D-Speaker models) and a small Python API.
+
+The names below load on first use, so ``import speakerlab`` stays light (no torch until needed).
+"""
+_API = ("load_model", "load_embeddings", "cosine", "SpeakerModel", "EmbeddingSet", "Match")
+
+__all__ = list(_API)
+
+
+def __getattr__(name):
+    if name in _API:
+        from speakerlab import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'speakerlab' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_API))

@@ -1,0 +1,166 @@
+"""Pictures, scores and example_usage.py on a final dir written by the real writers (synthetic vectors)."""
+import sys
+
+import numpy as np
+import pytest
+
+import speakerlab
+from speakerlab import formats
+from tests.helpers import ROOT, run_cli
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_final(out, datasets=("dsA", "dsB"), speakers=3, per_speaker=(6, 14), dim=32, seed=0):
+    """A final dir like merge writes it: clustered vectors, one cluster per speaker."""
+    rng = np.random.default_rng(seed)
+    keys, rows, utt_list, spk_keys, spk_rows, spk_list = [], [], [], [], [], []
+    for dataset in datasets:
+        for s in range(speakers):
+            speaker = f"spk{s}"
+            centre = rng.standard_normal(dim)
+            count = int(rng.integers(*per_speaker))
+            members = centre + 0.7 * rng.standard_normal((count, dim))
+            for u, row in enumerate(members):
+                key = f"{dataset}_{speaker}_u{u:02d}"
+                keys.append(key)
+                rows.append(row)
+                utt_list.append({"key": key, "dataset": dataset, "speaker_id": speaker,
+                                 "speaker_key": f"{dataset}_{speaker}", "utterance_id": f"u{u:02d}",
+                                 "path": f"/data/{dataset}/{speaker}/u{u:02d}.wav",
+                                 "rel_path": f"{dataset}/{speaker}/u{u:02d}.wav", "duration": 1.0 + u,
+                                 "sample_rate": 16000})
+            spk_keys.append(f"{dataset}_{speaker}")
+            spk_rows.append(members.mean(axis=0))
+            spk_list.append({"key": f"{dataset}_{speaker}", "dataset": dataset, "speaker_id": speaker,
+                             "num_utterances": count, "duration_s": float(count)})
+    order = np.argsort(keys)
+    keys = [keys[i] for i in order]
+    utt_list = [utt_list[i] for i in order]
+    matrix = np.array(rows, np.float32)[order]
+    summary = {"total_utterances": len(keys), "total_speakers": len(spk_keys), "model": {"name": "synthetic"}}
+    out.mkdir(parents=True, exist_ok=True)
+    formats.write_all(out, ["pkl", "npz"], keys, matrix, utt_list, spk_keys, np.array(spk_rows, np.float32),
+                      spk_list, [], summary)
+    return out
+
+
+@pytest.fixture(scope="module")
+def final(tmp_path_factory):
+    return write_final(tmp_path_factory.mktemp("plots") / "final")
+
+
+def assert_png(path, min_bytes=10000):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, path
+    assert len(data) >= min_bytes, (path, len(data))
+
+
+def test_plot_all_writes_readable_pngs(final, tmp_path):
+    from speakerlab import plots
+    emb = speakerlab.load_embeddings(final)
+    assert len(emb) >= plots.TSNE_MIN_POINTS  # the t-SNE path
+    written = plots.plot_all(emb, tmp_path / "pics")
+    assert [p.name for p in written] == ["speaker_map.png", "speaker_similarity.png", "utterance_similarity.png",
+                                         "score_histograms.png", "det_curve.png"]
+    for path in written:
+        assert_png(path)
+
+
+def test_small_sets_use_pca(final, tmp_path):
+    from speakerlab import plots
+    emb = speakerlab.load_embeddings(final).by_speaker("dsA_spk0", "dsB_spk1")
+    points, how = plots.project_2d(emb.matrix()[1][:8])
+    assert points.shape == (8, 2) and how.startswith("PCA")
+    assert_png(plots.speaker_map(emb, tmp_path / "map.png"))
+
+
+def test_det_points_and_eer():
+    from speakerlab.plots import det_points, equal_error_rate
+    assert equal_error_rate([0.9, 0.8], [0.1, 0.2])[0] == 0.0
+    eer, threshold = equal_error_rate([0.9, 0.8, 0.3], [0.1, 0.2, 0.85])
+    assert eer == pytest.approx(1 / 3) and 0.3 <= threshold <= 0.85
+    fa, miss, _ = det_points([0.9, 0.8, 0.3], [0.1, 0.2, 0.85])
+    assert fa[0] == 1.0 and miss[0] == 0.0 and fa[-1] == 0.0 and miss[-1] == 1.0
+    assert np.all(np.diff(miss) >= 0) and np.all(np.diff(fa) <= 0)
+    with pytest.raises(ValueError):
+        det_points([0.5], [])
+
+
+def test_trials_files(final, tmp_path):
+    from speakerlab.plots import pair_scores, read_trials, trial_scores
+    emb = speakerlab.load_embeddings(final)
+    kaldi = tmp_path / "trials"
+    kaldi.write_text("dsA_spk0_u00 dsA_spk0_u01 target\n# comment\n\n"
+                     "dsA/spk0/u00.wav dsB_spk1_u00 nontarget\n")
+    vox = tmp_path / "vox"
+    vox.write_text("1 dsA_spk0_u00 dsA_spk0_u01\n0 /data/dsA/spk0/u00.wav dsB_spk1_u00\n")
+    assert read_trials(kaldi) == [("dsA_spk0_u00", "dsA_spk0_u01", True),
+                                  ("dsA/spk0/u00.wav", "dsB_spk1_u00", False)]
+    target, nontarget = trial_scores(emb, read_trials(kaldi))
+    assert (target, nontarget) == pytest.approx(trial_scores(emb, read_trials(vox)))
+    assert target[0] == pytest.approx(emb.score("dsA_spk0_u00", "dsA_spk0_u01"))
+    bad = tmp_path / "bad"
+    bad.write_text("a b c d\n")
+    with pytest.raises(ValueError, match="bad:1"):
+        read_trials(bad)
+    unknown = tmp_path / "unknown"
+    unknown.write_text("nobody dsA_spk0_u01 target\n")
+    with pytest.raises(KeyError, match="nobody"):
+        trial_scores(emb, read_trials(unknown))
+    target, nontarget = pair_scores(emb)
+    n = len(emb)
+    assert len(target) + len(nontarget) == n * (n - 1) // 2
+    assert target.mean() > nontarget.mean() + 0.3  # clustered speakers
+    sampled_t, sampled_n = pair_scores(emb, max_pairs=200)
+    assert 0 < len(sampled_t) <= 100 and 0 < len(sampled_n) <= 100
+
+
+def test_example_usage_prints_demos_and_plots(final, tmp_path):
+    r = run_cli([sys.executable, ROOT / "example_usage.py", final, "-k", "3", "--method", "pca",
+                 "--plot", tmp_path / "pics"])
+    assert r.returncode == 0, r.stderr
+    for heading in ("1. Similarity of two utterances", "2. Top-3 utterances most similar to",
+                    "3. Speaker-by-speaker similarity", "4. Search by dataset and by speaker", "5. Text report"):
+        assert heading in r.stdout
+    assert "same speaker:" in r.stdout and "other speakers:" in r.stdout
+    assert len(list((tmp_path / "pics").glob("*.png"))) == 5
+    trials = tmp_path / "trials"
+    trials.write_text("dsA_spk0_u00 dsA_spk0_u01 target\ndsA_spk0_u00 dsB_spk1_u00 nontarget\n")
+    r = run_cli([sys.executable, ROOT / "example_usage.py", final, "--query", "dsB/spk2/u00.wav",
+                 "--dataset", "dsB", "--speaker", "spk1", "--pair", "dsA_spk0_u00", "dsA_spk0", "--no_report",
+                 "--trials", trials])
+    assert r.returncode == 0, r.stderr
+    assert "1 target, 1 non-target trials" in r.stdout and "EER 0.00%" in r.stdout
+    assert "(speaker dsB_spk2)" in r.stdout and "speaker spk1: " in r.stdout and "dsA_spk0_u00  vs  dsA_spk0:" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{missing}"], "is not a directory"),
+    (["{final}", "--query", "nobody"], "'nobody' is not an utterance key"),
+    (["{final}", "--dataset", "dsZ"], "no dataset 'dsZ'"),
+    (["{final}", "-k", "0"], "-k must be at least 1"),
+    (["{final}", "--trials", "{missing}"], "is not a file"),
+])
+def test_example_usage_bad_arguments(final, tmp_path, args, message):
+    argv = [a.format(final=final, missing=tmp_path / "missing") for a in args]
+    r = run_cli([sys.executable, ROOT / "example_usage.py", *argv])
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error:") and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    """./demo.sh: demo data -> pipeline (embedded model, CPU) -> example_usage.py with pictures."""
+    r = run_cli(["bash", ROOT / "demo.sh", tmp_path / "demo"], timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "== demo done" in r.stdout and "same speaker:" in r.stdout
+    for name in ("speaker_map", "speaker_similarity", "utterance_similarity", "score_histograms", "det_curve"):
+        assert_png(tmp_path / "demo" / "plots" / f"{name}.png")
+    emb = speakerlab.load_embeddings(tmp_path / "demo" / "embeddings")
+    assert len(emb) == 8 and emb.speaker_keys == ["pyannote_sample_speaker90", "pyannote_sample_speaker91"]
+    # the two speakers are apart: every utterance is closer to its own speaker's embedding
+    for key in emb.keys:
+        best = emb.similar_speakers(emb.utterances[key]["embedding"], k=1)[0]
+        assert best.key == emb.speaker_of(key), key
