@@ -190,7 +190,7 @@ def main(argv=None) -> int:
             from speakerlab import plots
             if not Path(args.trials).is_file():
                 raise ValueError(f"--trials {args.trials} is not a file")
-            trial_scores = plots.trial_scores(emb, plots.read_trials(args.trials))
+            trial_scores = plots.trial_scores(emb, args.trials)
         query = args.query or default_query(emb)
         emb.embedding(query)  # fails early, with the reason, on an unknown query
         for name in args.pair or ():

@@ -215,33 +215,14 @@ def utterance_similarity(emb, path, max_utterances: int = 80, seed: int = 0) -> 
 
 
 # --- trials, scores, DET ---------------------------------------------------------------------
-TARGET_WORDS = {"target": True, "tgt": True, "1": True, "true": True, "same": True,
-                "nontarget": False, "non-target": False, "imp": False, "impostor": False, "0": False,
-                "false": False, "diff": False}
-
-
-def read_trials(path) -> List[Tuple[str, str, bool]]:
-    """Trials as ``enroll test target|nontarget`` (Kaldi / 3D-Speaker) or ``1|0 enroll test`` (VoxCeleb)."""
-    trials = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            parts = line.split()
-            if not parts or parts[0].startswith("#"):
-                continue
-            if len(parts) == 3 and parts[2].lower() in TARGET_WORDS:
-                trials.append((parts[0], parts[1], TARGET_WORDS[parts[2].lower()]))
-            elif len(parts) == 3 and parts[0].lower() in TARGET_WORDS:
-                trials.append((parts[1], parts[2], TARGET_WORDS[parts[0].lower()]))
-            else:
-                raise ValueError(f"{path}:{number}: expected 'enroll test target|nontarget' or "
-                                 f"'1|0 enroll test', got {line.strip()!r}")
-    if not trials:
-        raise ValueError(f"{path}: no trials")
-    return trials
-
-
-def trial_scores(emb, trials) -> Tuple[np.ndarray, np.ndarray]:
-    """(target scores, non-target scores); trial sides are utterance keys, speaker keys or paths."""
+def trial_scores(emb, trials_path) -> Tuple[np.ndarray, np.ndarray]:
+    """(target scores, non-target scores) of a trials file (speakerlab.score's formats); trial
+    sides are utterance keys, speaker keys or paths."""
+    from speakerlab.score import read_trials
+    trials = read_trials(trials_path)
+    unlabelled = [t for t in trials if t.label is None]
+    if unlabelled:
+        raise ValueError(f"{trials_path}:{unlabelled[0].line}: trials need target/nontarget labels for plots")
     def resolve(name):
         if name in emb or name in emb.speakers:
             return name
@@ -250,7 +231,8 @@ def trial_scores(emb, trials) -> Tuple[np.ndarray, np.ndarray]:
             raise KeyError(name)
         return key
     target, nontarget, unknown = [], [], []
-    for a, b, is_target in trials:
+    for trial in trials:
+        a, b, is_target = trial.enroll, trial.test, bool(trial.label)
         try:
             score = emb.score(resolve(a), resolve(b))
         except KeyError as exc:
@@ -297,32 +279,19 @@ def pair_scores(emb, max_pairs: int = 200000, seed: int = 0) -> Tuple[np.ndarray
 
 
 def det_points(target: Sequence[float], nontarget: Sequence[float]):
-    """(false-alarm rates, miss rates, thresholds) for every threshold between sorted scores."""
-    target = np.asarray(target, dtype=np.float64)
-    nontarget = np.asarray(nontarget, dtype=np.float64)
-    if not len(target) or not len(nontarget):
-        raise ValueError("a DET curve needs both target and non-target scores")
-    scores = np.concatenate([target, nontarget])
-    is_target = np.concatenate([np.ones(len(target)), np.zeros(len(nontarget))])
-    order = np.argsort(scores, kind="mergesort")
-    scores, is_target = scores[order], is_target[order]
-    # threshold just above scores[i]: everything up to i is rejected
-    misses = np.concatenate([[0.0], np.cumsum(is_target)]) / len(target)
-    false_alarms = 1.0 - np.concatenate([[0.0], np.cumsum(1 - is_target)]) / len(nontarget)
-    thresholds = np.concatenate([[scores[0] - 1e-6], scores])
-    return false_alarms, misses, thresholds
+    """(false-alarm rates, miss rates, thresholds) at every threshold (speakerlab.score's sweep)."""
+    from speakerlab.score import operating_points
+    scores = np.concatenate([np.asarray(target, dtype=np.float64), np.asarray(nontarget, dtype=np.float64)])
+    labels = np.r_[np.ones(len(target), bool), np.zeros(len(nontarget), bool)]
+    return operating_points(scores, labels)
 
 
 def equal_error_rate(target, nontarget) -> Tuple[float, float]:
-    """(EER, threshold) where miss and false-alarm rates cross (linear interpolation)."""
-    fa, miss, thresholds = det_points(target, nontarget)
-    i = int(np.argmax(miss >= fa))
-    if i == 0:
-        return float((fa[0] + miss[0]) / 2), float(thresholds[0])
-    d0, d1 = fa[i - 1] - miss[i - 1], fa[i] - miss[i]
-    w = d0 / (d0 - d1) if d0 != d1 else 0.5
-    eer = fa[i - 1] + w * (fa[i] - fa[i - 1])
-    return float(eer), float(thresholds[i - 1] + w * (thresholds[i] - thresholds[i - 1]))
+    """(EER as a fraction, threshold), as speakerlab.score computes it."""
+    from speakerlab.score import eer_with_threshold
+    scores = np.concatenate([np.asarray(target, dtype=np.float64), np.asarray(nontarget, dtype=np.float64)])
+    labels = np.r_[np.ones(len(target), bool), np.zeros(len(nontarget), bool)]
+    return eer_with_threshold(scores, labels)
 
 
 def score_histograms(target, nontarget, path, source: str = "") -> Path:
@@ -392,7 +361,7 @@ def plot_all(emb, out_dir, trials=None, method: str = "auto", max_speakers: int 
         target, nontarget = (np.asarray(s, dtype=np.float64) for s in scores)
         source = f"trials: {os.path.basename(str(trials))}" if trials is not None else "given scores"
     elif trials is not None:
-        target, nontarget = trial_scores(emb, read_trials(trials))
+        target, nontarget = trial_scores(emb, trials)
         source = f"trials: {os.path.basename(str(trials))}"
     else:
         target, nontarget = pair_scores(emb)

@@ -42,7 +42,7 @@ class ScoreError(ValueError):
 
 
 # --- metrics -------------------------------------------------------------------------------
-def _operating_points(scores, labels):
+def operating_points(scores, labels):
     """(P_fa, P_miss, thresholds) at every distinct threshold, from accept-nothing to accept-all."""
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels).astype(bool)
@@ -66,7 +66,7 @@ def _operating_points(scores, labels):
 
 def eer_with_threshold(scores, labels) -> Tuple[float, float]:
     """(EER as a fraction, the score threshold at the crossing)."""
-    p_fa, p_miss, thresholds = _operating_points(scores, labels)
+    p_fa, p_miss, thresholds = operating_points(scores, labels)
     i = int(np.argmax(p_miss <= p_fa))  # first point past the crossing; i >= 1 since p_miss[0] = 1 > 0
     before, after = p_miss[i - 1] - p_fa[i - 1], p_miss[i] - p_fa[i]
     t = before / (before - after)
@@ -82,7 +82,7 @@ def compute_min_dcf(scores, labels, p_target: float = 0.01, c_miss: float = 1.0,
     """Normalised minimum detection cost (see the module docstring)."""
     if not 0.0 < p_target < 1.0:
         raise ValueError("p_target must be in (0, 1)")
-    p_fa, p_miss, _ = _operating_points(scores, labels)
+    p_fa, p_miss, _ = operating_points(scores, labels)
     cost = c_miss * p_miss * p_target + c_fa * p_fa * (1.0 - p_target)
     return float(cost.min() / min(c_miss * p_target, c_fa * (1.0 - p_target)))
 

@@ -81,33 +81,32 @@ def test_det_points_and_eer():
     eer, threshold = equal_error_rate([0.9, 0.8, 0.3], [0.1, 0.2, 0.85])
     assert eer == pytest.approx(1 / 3) and 0.3 <= threshold <= 0.85
     fa, miss, _ = det_points([0.9, 0.8, 0.3], [0.1, 0.2, 0.85])
-    assert fa[0] == 1.0 and miss[0] == 0.0 and fa[-1] == 0.0 and miss[-1] == 1.0
-    assert np.all(np.diff(miss) >= 0) and np.all(np.diff(fa) <= 0)
+    assert fa[0] == 0.0 and miss[0] == 1.0 and fa[-1] == 1.0 and miss[-1] == 0.0
+    assert np.all(np.diff(miss) <= 0) and np.all(np.diff(fa) >= 0)
     with pytest.raises(ValueError):
         det_points([0.5], [])
 
 
 def test_trials_files(final, tmp_path):
-    from speakerlab.plots import pair_scores, read_trials, trial_scores
+    from speakerlab.plots import pair_scores, trial_scores
     emb = speakerlab.load_embeddings(final)
     kaldi = tmp_path / "trials"
     kaldi.write_text("dsA_spk0_u00 dsA_spk0_u01 target\n# comment\n\n"
                      "dsA/spk0/u00.wav dsB_spk1_u00 nontarget\n")
     vox = tmp_path / "vox"
     vox.write_text("1 dsA_spk0_u00 dsA_spk0_u01\n0 /data/dsA/spk0/u00.wav dsB_spk1_u00\n")
-    assert read_trials(kaldi) == [("dsA_spk0_u00", "dsA_spk0_u01", True),
-                                  ("dsA/spk0/u00.wav", "dsB_spk1_u00", False)]
-    target, nontarget = trial_scores(emb, read_trials(kaldi))
-    assert (target, nontarget) == pytest.approx(trial_scores(emb, read_trials(vox)))
+    target, nontarget = trial_scores(emb, kaldi)
+    assert len(target) == 1 and len(nontarget) == 1
+    assert (target, nontarget) == pytest.approx(trial_scores(emb, vox))
     assert target[0] == pytest.approx(emb.score("dsA_spk0_u00", "dsA_spk0_u01"))
     bad = tmp_path / "bad"
     bad.write_text("a b c d\n")
     with pytest.raises(ValueError, match="bad:1"):
-        read_trials(bad)
+        trial_scores(emb, bad)
     unknown = tmp_path / "unknown"
     unknown.write_text("nobody dsA_spk0_u01 target\n")
     with pytest.raises(KeyError, match="nobody"):
-        trial_scores(emb, read_trials(unknown))
+        trial_scores(emb, unknown)
     target, nontarget = pair_scores(emb)
     n = len(emb)
     assert len(target) + len(nontarget) == n * (n - 1) // 2
