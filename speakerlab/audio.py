@@ -8,6 +8,9 @@ kills a run. Decisions (documented in the README):
 - NaN/Inf samples and all-zero audio fail: the model has nothing to say about them, and an
   all-zero file would get the same meaningless embedding as every other silent file.
 """
+import errno
+import os
+import stat
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,9 +30,46 @@ class AudioError(Exception):
         return {"path": self.path, "stage": self.stage, "reason": self.reason}
 
 
+def check_regular_file(path: str) -> None:
+    """Raise AudioError unless ``path`` (after symlinks) is a regular file: opening a named pipe
+    would block forever, and a broken link or a link loop deserves its own reason."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        reasons = {errno.ENOENT: "file not found (a broken symbolic link?)",
+                   errno.ELOOP: "symbolic link loop", errno.EACCES: "permission denied"}
+        raise AudioError(path, "decode", reasons.get(exc.errno, exc.strerror or str(exc))) from None
+    if not stat.S_ISREG(mode):
+        kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a plain file")
+        raise AudioError(path, "decode", f"not a regular file ({kind})")
+
+
+def explain_open_error(path: str, exc: BaseException) -> str:
+    """A reason a person understands for a file the decoder could not open or read.
+
+    libsndfile reports an unreadable file as "System error" and an empty one as "Format not
+    recognised"; look at the file itself before passing its words on."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        return "permission denied"
+    except OSError as os_exc:
+        return os_exc.strerror or str(os_exc)
+    text = str(exc).strip() or type(exc).__name__
+    prefix = f"Error opening {path!r}: "
+    if text.startswith(prefix):
+        text = text[len(prefix):]
+    return f"not a readable audio file ({text.rstrip('.')})"
+
+
 def decode(path: str, start: Optional[float] = None, end: Optional[float] = None):
     """(samples, channels) float32 and the file's rate; reads only [start, end) when given."""
     import soundfile as sf
+    check_regular_file(path)
     try:
         with sf.SoundFile(path) as handle:
             rate = handle.samplerate
@@ -45,10 +85,7 @@ def decode(path: str, start: Optional[float] = None, end: Optional[float] = None
     except AudioError:
         raise
     except Exception as exc:  # LibsndfileError, RuntimeError, OSError (permissions), TypeError ...
-        reason = str(exc).strip() or type(exc).__name__
-        if isinstance(exc, PermissionError):
-            reason = "permission denied"
-        raise AudioError(path, "decode", reason) from None
+        raise AudioError(path, "decode", explain_open_error(path, exc)) from None
     return data, rate
 
 

@@ -50,25 +50,38 @@ class ScanResult:
     ignored: Dict[str, int] = field(default_factory=dict)  # reason -> count
     ignored_examples: List[str] = field(default_factory=list)
     source: Dict[str, object] = field(default_factory=dict)  # what was read (see manifest.describe_source)
+    # what the scan could not look into or use: {"path", "stage": "scan", "reason"}; reported in
+    # failures.json, since audio files may hide there (an unreadable directory, a non-UTF-8 name)
+    errors: List[Dict[str, str]] = field(default_factory=list)
 
 
-def _walk(root: Path) -> Iterable[Tuple[Tuple[str, ...], Path]]:
-    """Yield (relative parts, path) of every file, following symlinks once, loops cut off."""
+def display_path(path) -> str:
+    """A path as text that always encodes (undecodable bytes shown as \\xNN)."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def _walk(root: Path, errors: List[Dict[str, str]]) -> Iterable[Tuple[Tuple[str, ...], Path]]:
+    """Yield (relative parts, path) of every non-directory entry, in name order.
+
+    Symlinked directories are followed once: the real tree is walked first, then the symlinked
+    directories whose target was not walked already, so a loop or a second link to a directory ends
+    the descent. A directory that cannot be listed is recorded in ``errors``, never skipped silently.
+    """
     seen = set()
     stack = [(root, ())]
-    while stack:
-        directory, parts = stack.pop()
+    linked: List[Tuple[Path, Tuple[str, ...]]] = []
+    while stack or linked:
+        directory, parts = stack.pop() if stack else linked.pop(0)
         try:
             info = directory.stat()
-        except OSError:
-            continue
-        ident = (info.st_dev, info.st_ino)
-        if ident in seen:
-            continue  # a symlink loop or a second link to a directory already walked
-        seen.add(ident)
-        try:
-            entries = list(os.scandir(directory))
-        except OSError:
+            ident = (info.st_dev, info.st_ino)
+            if ident in seen:
+                continue  # a symlink loop or a second link to a directory already walked
+            seen.add(ident)
+            entries = sorted(os.scandir(directory), key=lambda e: e.name, reverse=True)
+        except OSError as exc:
+            errors.append({"path": display_path(directory), "stage": "scan",
+                           "reason": f"cannot list directory: {exc.strerror or exc}; files in it were not seen"})
             continue
         for entry in entries:
             path = Path(entry.path)
@@ -77,7 +90,7 @@ def _walk(root: Path) -> Iterable[Tuple[Tuple[str, ...], Path]]:
             except OSError:
                 is_dir = False
             if is_dir:
-                stack.append((path, parts + (entry.name,)))
+                (linked if entry.is_symlink() else stack).append((path, parts + (entry.name,)))
             else:
                 yield parts + (entry.name,), path
 
@@ -89,19 +102,26 @@ def scan_tree(data_root) -> ScanResult:
     found: Dict[str, Utterance] = {}
     ignored: Dict[str, int] = {}
     examples: List[str] = []
+    errors: List[Dict[str, str]] = []
 
     def ignore(reason: str, rel: str) -> None:
         ignored[reason] = ignored.get(reason, 0) + 1
         if len(examples) < 20:
-            examples.append(f"{rel}: {reason}")
+            examples.append(f"{display_path(rel)}: {reason}")
 
-    for parts, path in _walk(root):
+    for parts, path in _walk(root, errors):
         rel = "/".join(parts)
         if not parts[-1].lower().endswith(AUDIO_EXTENSIONS):
             ignore("not an audio extension", rel)
             continue
         if len(parts) < 3:
             ignore("not under <dataset>/<speaker>/", rel)
+            continue
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes: no key or JSON record can hold the name
+            errors.append({"path": display_path(path), "stage": "scan",
+                           "reason": "the path is not valid UTF-8; rename the file to use it"})
             continue
         dataset, speaker = parts[0], parts[1]
         utterance = "_".join(list(parts[2:-1]) + [os.path.splitext(parts[-1])[0]])
@@ -112,12 +132,14 @@ def scan_tree(data_root) -> ScanResult:
         found[key] = Utterance(key=key, dataset=dataset, speaker=speaker, utterance=utterance,
                                path=str(path), rel_path=rel)
     utterances = [found[k] for k in sorted(found)]
-    return ScanResult(str(root), utterances, ignored, examples)
+    return ScanResult(str(root), utterances, ignored, examples, errors=errors)
 
 
 def read_header(utt: Utterance) -> None:
     import soundfile as sf
+    from speakerlab.audio import AudioError, check_regular_file, explain_open_error
     try:
+        check_regular_file(utt.path)
         info = sf.info(utt.path)
         utt.sample_rate, utt.channels = int(info.samplerate), int(info.channels)
         frames = int(info.frames)
@@ -126,8 +148,10 @@ def read_header(utt: Utterance) -> None:
             last = frames if utt.end is None else min(frames, int(round(utt.end * utt.sample_rate)))
             frames = max(0, last - first)
         utt.num_samples = frames
+    except AudioError as exc:
+        utt.header_error = exc.reason
     except Exception as exc:  # soundfile raises RuntimeError/LibsndfileError/OSError; all mean "unreadable"
-        utt.header_error = str(exc).strip() or type(exc).__name__
+        utt.header_error = explain_open_error(utt.path, exc)
 
 
 def read_headers(utterances: List[Utterance], threads: int = 16) -> None:
@@ -161,7 +185,7 @@ def save_scan(scan: ScanResult, path: Path) -> None:
     rows = [[getattr(u, f) for f in _FIELDS] for u in scan.utterances]
     payload = {"data_root": scan.data_root, "fields": _FIELDS, "rows": rows,
                "ignored": scan.ignored, "ignored_examples": scan.ignored_examples,
-               "source": scan.source or {"type": "tree", "path": scan.data_root}}
+               "source": scan.source or {"type": "tree", "path": scan.data_root}, "errors": scan.errors}
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(payload, handle, ensure_ascii=False, separators=(",", ":"))
@@ -175,7 +199,8 @@ def load_scan(path: Path) -> ScanResult:
     utterances = [Utterance(**dict(zip(fields, row))) for row in payload["rows"]]
     return ScanResult(payload["data_root"], utterances, payload.get("ignored", {}),
                       payload.get("ignored_examples", []),
-                      payload.get("source") or {"type": "tree", "path": payload["data_root"]})
+                      payload.get("source") or {"type": "tree", "path": payload["data_root"]},
+                      payload.get("errors", []))
 
 
 def utterance_record(utt: Utterance) -> Dict[str, object]:

@@ -164,6 +164,8 @@ def scan_on_rank0(args, source: dict, output_dir: Path, world: int) -> data_mod.
         data_mod.read_headers(scan.utterances, args.header_threads)
         data_mod.save_scan(scan, path)
         log.info("scanned %d utterances in %.1f s", len(scan.utterances), time.time() - started)
+    for error in scan.errors:
+        log.warning("scan: %s: %s", error["path"], error["reason"])
     stale = sorted(p for p in output_dir.glob("rank_*")
                    if p.is_dir() and p.name[5:].isdigit() and int(p.name[5:]) >= world)
     if stale and not args.overwrite:
@@ -376,9 +378,13 @@ def run(args) -> int:
     elif args.overwrite:
         store.wipe()
     elif previous is not None and previous.get("complete"):
-        log.info("rank %d: already complete (%d embedded, %d failed); nothing to do",
-                 rank, previous["counts"]["embedded"], previous["counts"]["failed"])
-        return exit_status(previous["counts"]["embedded"], previous["counts"]["failed"], args.strict)
+        counts = previous["counts"]
+        log.info("rank %d: already complete (%d embedded, %d failed); nothing to do (--overwrite redoes it)",
+                 rank, counts["embedded"], counts["failed"])
+        if counts["failed"]:
+            log.warning("rank %d: %d of %d files failed (see %s)", rank, counts["failed"], counts["assigned"],
+                        store.metadata_path)
+        return exit_status(counts["embedded"], counts["failed"], args.strict, scan_errors(scan, rank))
     store.dir.mkdir(parents=True, exist_ok=True)
     metadata = {"rank": rank, "world_size": world, "complete": False, "fingerprint": fingerprint,
                 "model": model_identity, "started": started.isoformat(), "command": sys.argv,
@@ -451,17 +457,24 @@ def run(args) -> int:
     if failed:
         log.warning("rank %d: %d of %d files failed (see %s)", rank, failed, len(shard), store.metadata_path)
     log.info("rank %d: done, %d embedded, %d failed", rank, embedded, failed)
-    return exit_status(embedded, failed, args.strict)
+    return exit_status(embedded, failed, args.strict, scan_errors(scan, rank))
+
+
+def scan_errors(scan, rank: int) -> int:
+    """Directories the scan could not list and the like; rank 0 answers for them."""
+    return len(scan.errors) if rank == 0 else 0
 
 
 def failure_record(utt, stage: str, reason: str) -> dict:
     return {"key": utt.key, "path": utt.path, "stage": stage, "reason": reason}
 
 
-def exit_status(embedded: int, failed: int, strict: bool) -> int:
+def exit_status(embedded: int, failed: int, strict: bool, scan_problems: int = 0) -> int:
+    """0 when something was embedded (failures are listed and warned about); 1 when nothing was,
+    or with ``--strict`` when any file failed or the scan could not see everything."""
     if failed and (strict or embedded == 0):
         return 1
-    return 0
+    return 1 if scan_problems and strict else 0
 
 
 def make_progress(total: int, initial: int, rank: int, position: int, disabled: bool):

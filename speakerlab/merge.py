@@ -124,8 +124,10 @@ def merge(input_dirs: List[Path], output_dir: Path, formats: List[str], speaker_
     failures: List[dict] = []
     ignored: Dict[str, int] = {}
     problems: List[str] = []
+    scan_errors: List[dict] = []
     for directory, (scan, metas, run_problems) in zip(input_dirs, runs):
         problems += [f"{directory}: {p}" for p in run_problems]
+        scan_errors += [{"key": None, **error} for error in scan.errors]
         for reason, count in scan.ignored.items():
             ignored[reason] = ignored.get(reason, 0) + count
         for utt in scan.utterances:
@@ -212,6 +214,7 @@ def merge(input_dirs: List[Path], output_dir: Path, formats: List[str], speaker_
         "total_duration_s": round(float(durations.sum()), 3),
         "total_input_files": len(utterances),
         "failures": len(failures),
+        "scan_errors": len(scan_errors),
         "ignored_files": ignored,
         "datasets": dict(sorted(datasets.items())),
         "speaker_mean": {"rule": speaker_mean, "duration_weighted": duration_weighted},
@@ -241,7 +244,7 @@ def merge(input_dirs: List[Path], output_dir: Path, formats: List[str], speaker_
     output_dir.mkdir(parents=True, exist_ok=True)
     from speakerlab import formats as formats_mod
     formats_mod.write_all(output_dir, formats, keys, matrix, utt_list, speaker_keys, speaker_matrix, spk_list,
-                          failures, summary)
+                          failures + scan_errors, summary)
     return summary
 
 
@@ -269,4 +272,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if summary["failures"]:
         log.warning("%d input files were not embedded: see %s", summary["failures"],
                     Path(args.output_dir) / "failures.json")
+    if summary["scan_errors"]:
+        log.warning("%d paths under data_root could not be scanned (e.g. unreadable directories): see %s",
+                    summary["scan_errors"], Path(args.output_dir) / "failures.json")
     return 0

@@ -48,3 +48,46 @@ def merge_cmd(input_dir, output_dir, *extra):
 
 def tiny_model_args(fixtures_dir: Path, name: str = "campplus_tiny"):
     return ["--model_path", fixtures_dir / name / "model.ckpt", "--config_file", fixtures_dir / name / "config.yaml"]
+
+
+MICRO_ARGS = {"feat_dim": 8, "embedding_size": 16, "m_channels": 4, "num_blocks": [1, 1, 1, 1]}
+
+
+def micro_model(folder: Path, seed: int = 0, obj: str = "speakerlab.models.eres2net.ERes2NetV2.ERes2NetV2",
+                **overrides):
+    """A random-weight ERes2NetV2 on 8 mel bins, far cheaper than the fixtures' tiny models: real model
+    math for pipeline tests that push many files or an hour of audio through. Returns CLI args."""
+    import torch
+    import yaml
+    from speakerlab.config import config_from_dict
+    from speakerlab.models import build_model
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    args = dict(MICRO_ARGS, **overrides)
+    raw = {"sample_rate": 16000, "fbank_dim": args["feat_dim"], "embedding_model": {"obj": obj, "args": args}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    torch.manual_seed(seed)
+    model = build_model(config_from_dict(raw)).eval()
+    with torch.no_grad():  # non-trivial batch-norm statistics, so the network is not near-identity
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_var"):
+                buffer.uniform_(0.5, 2.0)
+            elif name.endswith("running_mean"):
+                buffer.normal_(0.0, 0.1)
+    torch.save(model.state_dict(), folder / "model.ckpt")
+    return ["--model_path", folder / "model.ckpt", "--config_file", folder / "config.yaml"]
+
+
+def as_unprivileged():
+    """Command prefix that makes file permissions bite even for root (CI containers often run as
+    root, who reads mode-000 files): drop the capabilities that override them. [] for other users;
+    None when running as root without a working ``setpriv``."""
+    if os.geteuid() != 0:
+        return []
+    import shutil
+    prefix = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
+              "--bounding-set=-dac_override,-dac_read_search"]
+    if shutil.which("setpriv") is None:
+        return None
+    probe = subprocess.run(prefix + ["true"], capture_output=True)
+    return prefix if probe.returncode == 0 else None
