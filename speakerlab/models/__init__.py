@@ -1,5 +1,7 @@
 """Model registry: config ``obj`` names map to our classes, never to an import of arbitrary code."""
 import hashlib
+import re
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -64,19 +66,31 @@ def file_sha256(path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _torch_reason(exc: BaseException) -> str:
+    """The informative line of torch.load's long error text."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation",
+                                                              "Please file an issue"))]
+    return (useful or lines or [type(exc).__name__])[-1]
+
+
 def read_state_dict(path) -> Dict[str, torch.Tensor]:
     """Load a checkpoint without executing code; unwrap {state_dict|model: ...} and 'module.'."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols would bury the error line
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... for unsafe/broken files
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise ModelLoadError(f"refusing checkpoint {path}: it needs arbitrary unpickling, which could "
-                                 f"run code ({text}). Re-save it as a plain state_dict.") from None
-        raise ModelLoadError(f"cannot read checkpoint {path}: {text}") from None
+        unsafe = re.search(r"GLOBAL ([\w.]+)|Unsupported global: (?:GLOBAL )?([\w.]+)", str(exc))
+        if unsafe:
+            raise ModelLoadError(f"refusing checkpoint {path}: loading it needs {unsafe.group(1) or unsafe.group(2)}, "
+                                 "i.e. arbitrary unpickling, which could run code. Re-save it as a plain "
+                                 "state_dict (torch.save(model.state_dict(), ...)).") from None
+        raise ModelLoadError(f"cannot read checkpoint {path}: not a PyTorch state_dict file, or damaged "
+                             f"({_torch_reason(exc)})") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
