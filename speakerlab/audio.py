@@ -66,10 +66,19 @@ def explain_open_error(path: str, exc: BaseException) -> str:
     return f"not a readable audio file ({text.rstrip('.')})"
 
 
-def decode(path: str, start: Optional[float] = None, end: Optional[float] = None):
-    """(samples, channels) float32 and the file's rate; reads only [start, end) when given."""
+BLOCK_FRAMES = 1 << 20  # ~1 min at 16 kHz: a long many-channel file is never in memory whole
+
+
+def decode(path: str, start: Optional[float] = None, end: Optional[float] = None,
+           channels: str = "first"):
+    """Mono float32 samples (first channel, or the mean of all) and the file's rate.
+
+    Reads only [start, end) when given, block by block, so an hour of 8-channel audio costs one
+    channel's memory. Any NaN/Inf sample (in any channel) fails the file."""
     import soundfile as sf
     check_regular_file(path)
+    blocks = []
+    bad, first_bad = 0, None
     try:
         with sf.SoundFile(path) as handle:
             rate = handle.samplerate
@@ -80,23 +89,39 @@ def decode(path: str, start: Optional[float] = None, end: Optional[float] = None
                                                  f"file ({handle.frames / rate:.3f} s)")
             if first:
                 handle.seek(first)
-            count = -1 if last < 0 else max(0, last - first)
-            data = handle.read(frames=count, dtype="float32", always_2d=True)
+            remaining = -1 if last < 0 else max(0, last - first)
+            done = 0
+            while remaining != 0:
+                want = BLOCK_FRAMES if remaining < 0 else min(BLOCK_FRAMES, remaining)
+                data = handle.read(frames=want, dtype="float32", always_2d=True)
+                if not len(data):
+                    break
+                finite = np.isfinite(data).all(axis=1)
+                if not finite.all():
+                    if first_bad is None:
+                        first_bad = done + int(np.argmin(finite))
+                    bad += int((~np.isfinite(data)).sum())
+                blocks.append(data.mean(axis=1, dtype=np.float32) if channels == "mean" and data.shape[1] > 1
+                              else data[:, 0].copy())
+                done += len(data)
+                if remaining > 0:
+                    remaining -= len(data)
     except AudioError:
         raise
     except Exception as exc:  # LibsndfileError, RuntimeError, OSError (permissions), TypeError ...
         raise AudioError(path, "decode", explain_open_error(path, exc)) from None
-    return data, rate
+    if bad:
+        raise AudioError(path, "validate", f"contains {bad} NaN or Inf sample value(s), the first at "
+                                           f"{first_bad / rate:.3f} s")
+    wave = blocks[0] if len(blocks) == 1 else np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+    return wave, rate
 
 
 def load_audio(path: str, sample_rate: int, channels: str = "first",
                start: Optional[float] = None, end: Optional[float] = None) -> np.ndarray:
-    data, rate = decode(path, start, end)
-    if data.shape[0] == 0:
+    wave, rate = decode(path, start, end, channels)
+    if wave.shape[0] == 0:
         raise AudioError(path, "decode", "no audio samples (empty or truncated file)")
-    if not np.isfinite(data).all():
-        raise AudioError(path, "validate", "contains NaN or Inf samples")
-    wave = data.mean(axis=1) if channels == "mean" else data[:, 0]
     if not np.any(wave):
         raise AudioError(path, "validate", "all samples are zero (silent audio has no speaker)")
     if rate != sample_rate:

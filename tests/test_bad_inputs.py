@@ -247,3 +247,21 @@ def test_scan_walks_real_tree_first(tmp_path):
     scan = scan_tree(tmp_path)
     assert [u.key for u in scan.utterances] == ["ds_spkA_a"]
     assert scan.errors == []
+
+
+@pytest.mark.parametrize("channels", ["first", "mean"])
+def test_decode_in_blocks_equals_whole_read(tmp_path, monkeypatch, channels):
+    """Block-wise decoding (one channel kept per block) equals reading the file at once."""
+    from speakerlab import audio
+    path = write_wav(tmp_path / "ds" / "spk" / "c3.wav", tone(2.0, seed=3, channels=3))
+    whole, _ = sf.read(str(path), dtype="float32", always_2d=True)
+    want = whole.mean(axis=1) if channels == "mean" else whole[:, 0]
+    monkeypatch.setattr(audio, "BLOCK_FRAMES", 7001)  # several blocks, the last one partial
+    np.testing.assert_allclose(audio.load_audio(str(path), 16000, channels), want, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(audio.load_audio(str(path), 16000, channels, 0.5, 1.25), want[8000:20000],
+                               rtol=0, atol=1e-7)
+    wave = tone(2.0, seed=4, channels=3)
+    wave[20000, 2] = np.nan  # in the third block, in a channel that "first" does not use
+    write_wav(path, wave, subtype="FLOAT")
+    with pytest.raises(audio.AudioError, match=r"1 NaN or Inf sample value\(s\), the first at 1\.250 s"):
+        audio.load_audio(str(path), 16000, channels)
