@@ -61,7 +61,8 @@ def display_path(path) -> str:
 
 
 def _walk(root: Path, errors: List[Dict[str, str]]) -> Iterable[Tuple[Tuple[str, ...], Path]]:
-    """Yield (relative parts, path) of every non-directory entry, in name order.
+    """Yield (relative parts, path) of every non-directory entry: depth first, in name order, a
+    directory's files before its subdirectories.
 
     Symlinked directories are followed once: the real tree is walked first, then the symlinked
     directories whose target was not walked already, so a loop or a second link to a directory ends
@@ -78,11 +79,12 @@ def _walk(root: Path, errors: List[Dict[str, str]]) -> Iterable[Tuple[Tuple[str,
             if ident in seen:
                 continue  # a symlink loop or a second link to a directory already walked
             seen.add(ident)
-            entries = sorted(os.scandir(directory), key=lambda e: e.name, reverse=True)
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError as exc:
             errors.append({"path": display_path(directory), "stage": "scan",
                            "reason": f"cannot list directory: {exc.strerror or exc}; files in it were not seen"})
             continue
+        subdirs = []
         for entry in entries:
             path = Path(entry.path)
             try:
@@ -90,9 +92,10 @@ def _walk(root: Path, errors: List[Dict[str, str]]) -> Iterable[Tuple[Tuple[str,
             except OSError:
                 is_dir = False
             if is_dir:
-                (linked if entry.is_symlink() else stack).append((path, parts + (entry.name,)))
+                (linked if entry.is_symlink() else subdirs).append((path, parts + (entry.name,)))
             else:
                 yield parts + (entry.name,), path
+        stack.extend(reversed(subdirs))  # popped in name order
 
 
 def scan_tree(data_root) -> ScanResult:
@@ -126,9 +129,10 @@ def scan_tree(data_root) -> ScanResult:
         dataset, speaker = parts[0], parts[1]
         utterance = "_".join(list(parts[2:-1]) + [os.path.splitext(parts[-1])[0]])
         key = f"{dataset}_{speaker}_{utterance}"
-        if key in found:
-            raise DataError(f"two files map to the key '{key}': {found[key].path} and {path}. "
-                            "Rename one of them.")
+        if key in found:  # e.g. u1.wav beside u1.flac: the first one walked keeps the key
+            errors.append({"path": display_path(path), "stage": "scan",
+                           "reason": f"its key '{key}' is taken by {found[key].path}; rename one of them"})
+            continue
         found[key] = Utterance(key=key, dataset=dataset, speaker=speaker, utterance=utterance,
                                path=str(path), rel_path=rel)
     utterances = [found[k] for k in sorted(found)]

@@ -27,7 +27,7 @@ from speakerlab import manifest as manifest_mod
 from speakerlab.audio import AudioError, load_audio
 from speakerlab.batching import pad_waves, plan_batches
 from speakerlab.config import ConfigError, load_config
-from speakerlab.embedder import DTYPES, Embedder, default_dtype
+from speakerlab.embedder import DTYPES, Embedder, Result, default_dtype
 from speakerlab.models import ModelLoadError, file_sha256, load_model
 from speakerlab.store import RankStore, atomic_write_json, read_json
 
@@ -415,16 +415,9 @@ def run(args) -> int:
         for index, error in bad:
             store.fail(failure_record(todo[index], error.stage, error.reason))
         if indices:
-            try:
-                results = embedder.embed(waves, lengths)
-            except Exception as exc:  # a model crash fails this batch's files, never the rank
-                log.error("batch of %d failed in the model: %s", len(indices), exc)
-                results = None
+            results = embed_batch(embedder, waves, lengths)
             for position, index in enumerate(indices):
                 utt = todo[index]
-                if results is None:
-                    store.fail(failure_record(utt, "model", f"model error: {exc}"))
-                    continue
                 result = results[position]
                 if result.error:
                     store.fail(failure_record(utt, *result.error))
@@ -463,6 +456,20 @@ def run(args) -> int:
 def scan_errors(scan, rank: int) -> int:
     """Directories the scan could not list and the like; rank 0 answers for them."""
     return len(scan.errors) if rank == 0 else 0
+
+
+def embed_batch(embedder: Embedder, waves: torch.Tensor, lengths: torch.Tensor) -> List[Result]:
+    """embedder.embed, but an exception in the model fails only the utterance that causes it: the
+    batch is retried one utterance at a time, and the rank goes on."""
+    try:
+        return embedder.embed(waves, lengths)
+    except Exception as exc:
+        if len(lengths) == 1:
+            return [Result(error=("model", f"model error: {type(exc).__name__}: {exc}"))]
+        log.warning("a batch of %d failed in the model (%s: %s); retrying one by one",
+                    len(lengths), type(exc).__name__, exc)
+        return [embed_batch(embedder, waves[row:row + 1, :int(lengths[row])], lengths[row:row + 1])[0]
+                for row in range(len(lengths))]
 
 
 def failure_record(utt, stage: str, reason: str) -> dict:

@@ -12,6 +12,7 @@ Every file is written to a temporary name and renamed, so a reader never sees ha
 killed rank loses at most the batches since its last flush.
 """
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
+
+log = logging.getLogger("speakerlab")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -104,13 +107,18 @@ class RankStore:
         if not self.parts_dir.is_dir():
             return
         for part in sorted(self.parts_dir.glob("part_*.npz")):
-            keys, matrix, failures = read_embeddings_npz(part)
-            extra = read_extra(part)
+            self._part_index = max(self._part_index, int(part.stem.split("_")[1]))
+            try:
+                keys, matrix, failures = read_embeddings_npz(part)
+                extra = read_extra(part)
+            except Exception as exc:  # parts are renamed into place whole; this is a storage fault
+                log.warning("%s is damaged (%s): its utterances will be redone", part, exc)
+                os.replace(part, part.with_name(part.name + ".damaged"))
+                continue
             self.keys.extend(keys)
             self.embeddings.extend(matrix)
             self.failures.extend(failures)
             self.extra.update(extra)
-            self._part_index = max(self._part_index, int(part.stem.split("_")[1]))
         self._flushed_keys = len(self.keys)
         self._flushed_failures = len(self.failures)
 

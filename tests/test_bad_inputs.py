@@ -265,3 +265,43 @@ def test_decode_in_blocks_equals_whole_read(tmp_path, monkeypatch, channels):
     write_wav(path, wave, subtype="FLOAT")
     with pytest.raises(audio.AudioError, match=r"1 NaN or Inf sample value\(s\), the first at 1\.250 s"):
         audio.load_audio(str(path), 16000, channels)
+
+
+def test_key_clash_keeps_first_and_reports_the_other(tmp_path):
+    from speakerlab.data import scan_tree
+    write_wav(tmp_path / "ds" / "spk" / "u1.flac", tone(0.2))
+    write_wav(tmp_path / "ds" / "spk" / "u1.wav", tone(0.2))
+    write_wav(tmp_path / "ds" / "spk" / "v" / "1.wav", tone(0.2))
+    write_wav(tmp_path / "ds" / "spk" / "v_1.wav", tone(0.2))
+    scan = scan_tree(tmp_path)
+    assert [(u.key, os.path.basename(u.path)) for u in scan.utterances] == [("ds_spk_u1", "u1.flac"),
+                                                                           ("ds_spk_v_1", "v_1.wav")]
+    assert sorted(os.path.basename(e["path"]) for e in scan.errors) == ["1.wav", "u1.wav"]
+    assert all("is taken by" in e["reason"] and e["stage"] == "scan" for e in scan.errors)
+
+
+def test_model_error_fails_only_its_file(tmp_path, capsys, monkeypatch):
+    """An exception inside the model (a driver error, a bug) fails the utterance that causes it; the
+    rest of its batch is retried one by one and embedded, and the rank goes on."""
+    from speakerlab import embedder as embedder_mod
+    from speakerlab.extract import main
+    for i in range(5):
+        write_wav(tmp_path / "data" / "ds" / "spk" / f"u{i}.wav", tone(0.5 + 0.1 * i, seed=i))
+    poisoned = int((0.5 + 0.1 * 2) * 16000)
+    original = embedder_mod.Embedder.embed
+
+    def flaky(self, waves, lengths):
+        if poisoned in lengths.tolist():
+            raise RuntimeError("boom")
+        return original(self, waves, lengths)
+
+    monkeypatch.setattr(embedder_mod.Embedder, "embed", flaky)
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    model = micro_model(tmp_path / "model")
+    code = main([str(a) for a in extract_cmd(tmp_path / "data", tmp_path / "out", *model, "--batch_size", "8")[2:]])
+    assert code == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "out" / "rank_00" / "metadata.json").read_text())
+    assert meta["counts"] == {"assigned": 5, "embedded": 4, "failed": 1}
+    assert meta["failures"][0]["key"] == "ds_spk_u2"
+    assert meta["failures"][0]["reason"] == "model error: RuntimeError: boom"

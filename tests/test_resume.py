@@ -203,3 +203,20 @@ def test_parts_are_atomic_and_temp_files_ignored(tmp_path):
     again.flush()
     assert sorted(p.name for p in again.parts_dir.glob("part_*.npz")) == \
         ["part_000001.npz", "part_000002.npz", "part_000003.npz"]
+
+
+def test_damaged_part_is_set_aside_and_redone(tmp_path, caplog):
+    from speakerlab.store import RankStore
+    store = RankStore(tmp_path, 0)
+    store.add("a", np.ones(4, np.float32))
+    store.flush()
+    store.add("b", np.ones(4, np.float32))
+    store.flush()
+    (store.parts_dir / "part_000002.npz").write_bytes(b"PK\x03\x04 not really")
+    again = RankStore(tmp_path, 0)
+    again.load_parts()
+    assert again.done_keys() == {"a"} and "damaged" in caplog.text
+    assert (store.parts_dir / "part_000002.npz.damaged").exists()
+    again.add("b", np.ones(4, np.float32))
+    again.flush()
+    assert (store.parts_dir / "part_000003.npz").exists()
