@@ -3,8 +3,12 @@ presence means the directory is complete.
 
 - pkl (always): ``utterance_embeddings.pkl``, ``speaker_embeddings.pkl`` (the seed's schemas),
   ``utterance_list.json``, ``speaker_list.json``, ``failures.json``, ``summary.json``.
+  Unpickling can run arbitrary code: load pickles only from a source you trust, else use npz.
 - npz: ``utterance_embeddings.npz`` / ``speaker_embeddings.npz`` with ``keys`` (str) and
   ``embeddings`` (float32, N x D); load with ``np.load(path, allow_pickle=False)``.
+- ``failures.json``: every input not embedded, ``{key, path, stage, reason}``; ``stage`` is decode,
+  validate, resample, model, or scan (``key`` null: a directory that could not be listed, a name
+  that is not UTF-8, a file whose key another file took).
 - kaldi: ``xvector.ark/scp`` (utterances) and ``spk_xvector.ark/scp`` (speakers) via kaldiio.
   Kaldi keys cannot hold whitespace: such characters become ``_`` there (listed in summary).
 """

@@ -47,7 +47,10 @@ def test_wrapped_checkpoints_load(micro, tmp_path, wrap):
     elif wrap == "model":
         obj = {"model": obj}
     path = save(tmp_path, "wrapped.ckpt", obj)
-    assert torch.equal(outputs(load_model(config, path)), outputs(load_model(config, folder / "model.ckpt")))
+    got = read_state_dict(path)
+    assert list(got) == list(state) and all(torch.equal(got[k], state[k]) for k in state)
+    model = load_model(config, path)  # strict: every parameter and buffer matched
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_missing_unexpected_and_shape_mismatch_are_listed(micro, tmp_path):
