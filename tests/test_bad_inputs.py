@@ -296,7 +296,7 @@ def test_model_error_fails_only_its_file(tmp_path, capsys, monkeypatch):
         return original(self, waves, lengths)
 
     monkeypatch.setattr(embedder_mod.Embedder, "embed", flaky)
-    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID"):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "MASTER_ADDR"):
         monkeypatch.delenv(name, raising=False)
     model = micro_model(tmp_path / "model")
     code = main([str(a) for a in extract_cmd(tmp_path / "data", tmp_path / "out", *model, "--batch_size", "8")[2:]])

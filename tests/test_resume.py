@@ -114,7 +114,8 @@ def test_finished_dir_is_a_no_op(setup):
 
 def run_main(argv, capsys, monkeypatch, env=None):
     from speakerlab.extract import main
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "SLURM_PROCID"):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
+                 "SLURM_JOB_ID", "SPEAKERLAB_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
     for name, value in (env or {}).items():
         monkeypatch.setenv(name, value)
@@ -139,7 +140,7 @@ def test_made_differently_is_refused(setup, tmp_path, capsys, monkeypatch, chang
     elif change == "data":
         root = make_tree(tmp_path / "data")
     elif change == "world":
-        env = {"RANK": "0", "WORLD_SIZE": "2"}
+        env = {"RANK": "0", "WORLD_SIZE": "2", "SPEAKERLAB_RUN_ID": "refused"}
     stamp = (base / "clean" / "rank_00" / "embeddings.npz").stat().st_mtime_ns
     code, err = run_main(extract_cmd(root, base / "clean", *args)[2:], capsys, monkeypatch, env)
     assert code == 2, err
@@ -155,7 +156,7 @@ def test_world_size_change_and_partial_merge(setup, tmp_path, capsys, monkeypatc
     base, root = setup
     out = tmp_path / "two"
     code, err = run_main(extract_cmd(root, out, *common_args())[2:], capsys, monkeypatch,
-                         {"RANK": "0", "WORLD_SIZE": "2"})
+                         {"RANK": "0", "WORLD_SIZE": "2", "SPEAKERLAB_RUN_ID": "partial"})
     assert code == 0, err
     # a world-2 rank_01 exists once rank 1 starts; fake its start so the world-1 rerun meets it
     (out / "rank_01").mkdir()
