@@ -69,7 +69,9 @@ def render(final_dir, top: int = 10) -> str:
     ignored = sum((summary.get("ignored_files") or {}).values())
     out.append(f"{summary.get('total_utterances', 0)} utterances, {summary.get('total_speakers', 0)} speakers, "
                f"{_hms(summary.get('total_duration_s', 0.0))} of audio, {summary.get('failures', 0)} failed, "
-               f"{ignored} ignored, {summary.get('embedding_dimension', '?')}-d embeddings")
+               f"{ignored} ignored, {summary.get('embedding_dimension', '?')}-d embeddings"
+               + (f"; {summary['scan_errors']} path(s) could not be scanned (see failures.json)"
+                  if summary.get("scan_errors") else ""))
 
     datasets = summary.get("datasets") or {}
     if datasets:
