@@ -36,7 +36,7 @@ def check_regular_file(path: str) -> None:
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
-        reasons = {errno.ENOENT: "file not found (a broken symbolic link?)",
+        reasons = {errno.ENOENT: "file not found (deleted since the scan, or a broken symbolic link)",
                    errno.ELOOP: "symbolic link loop", errno.EACCES: "permission denied"}
         raise AudioError(path, "decode", reasons.get(exc.errno, exc.strerror or str(exc))) from None
     if not stat.S_ISREG(mode):

@@ -305,3 +305,16 @@ def test_model_error_fails_only_its_file(tmp_path, capsys, monkeypatch):
     assert meta["counts"] == {"assigned": 5, "embedded": 4, "failed": 1}
     assert meta["failures"][0]["key"] == "ds_spk_u2"
     assert meta["failures"][0]["reason"] == "model error: RuntimeError: boom"
+
+
+def test_scan_problems_alone_fail_only_with_strict(tmp_path, caplog, monkeypatch):
+    from speakerlab.extract import main
+    write_wav(tmp_path / "data" / "ds" / "spk" / "good.wav", tone(0.5))
+    with open(os.path.join(os.fsencode(tmp_path / "data" / "ds" / "spk"), b"caf\xe9.wav"), "wb") as handle:
+        handle.write(b"RIFF")
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    argv = [str(a) for a in extract_cmd(tmp_path / "data", tmp_path / "out", *micro_model(tmp_path / "m"))[2:]]
+    assert main(argv) == 0
+    assert "not valid UTF-8" in caplog.text
+    assert main(argv + ["--strict"]) == 1
