@@ -22,7 +22,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from speakerlab.audio import AudioError, load_audio
+from speakerlab.audio import AudioError, finish_wave, load_audio
 
 Match = namedtuple("Match", "key score")
 
@@ -76,12 +76,7 @@ def _array_to_wave(data, rate: int, target_rate: int, channels: str, label: str)
     if not np.isfinite(data).all():
         raise AudioError(label, "validate", "contains NaN or Inf samples")
     wave = data.mean(axis=1) if channels == "mean" else data[:, 0]
-    if not np.any(wave):
-        raise AudioError(label, "validate", "all samples are zero (silent audio has no speaker)")
-    if int(rate) != target_rate:
-        import soxr
-        wave = soxr.resample(wave, int(rate), target_rate, quality="HQ")
-    return np.ascontiguousarray(wave, dtype=np.float32)
+    return finish_wave(wave, int(rate), target_rate, label)
 
 
 class SpeakerModel:

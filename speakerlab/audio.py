@@ -122,12 +122,18 @@ def load_audio(path: str, sample_rate: int, channels: str = "first",
     wave, rate = decode(path, start, end, channels)
     if wave.shape[0] == 0:
         raise AudioError(path, "decode", "no audio samples (empty or truncated file)")
+    return finish_wave(wave, rate, sample_rate, path)
+
+
+def finish_wave(wave: np.ndarray, rate: int, sample_rate: int, label: str) -> np.ndarray:
+    """Mono float samples -> the model's input: silence refused, resampled to ``sample_rate``.
+    Shared by files (load_audio) and in-memory arrays (the Python API)."""
     if not np.any(wave):
-        raise AudioError(path, "validate", "all samples are zero (silent audio has no speaker)")
+        raise AudioError(label, "validate", "all samples are zero (silent audio has no speaker)")
     if rate != sample_rate:
         try:
             import soxr
             wave = soxr.resample(wave, rate, sample_rate, quality="HQ")
         except Exception as exc:
-            raise AudioError(path, "resample", f"{rate} Hz -> {sample_rate} Hz failed: {exc}") from None
+            raise AudioError(label, "resample", f"{rate} Hz -> {sample_rate} Hz failed: {exc}") from None
     return np.ascontiguousarray(wave, dtype=np.float32)
