@@ -1,0 +1,469 @@
+#!/usr/bin/env python3
+"""Throughput benchmark: reference-style loop vs. our pipeline vs. the model-only ceiling.
+
+One run builds (or reuses) a corpus with a realistic mix of durations, rates and channel counts,
+then, for each model (CAM++ with the real default weights, full-size ERes2NetV2 with random
+weights), measures on the same files:
+
+  (a) reference  -- what 3D-Speaker's extract.py does: one file at a time, decode (+resample),
+                    Kaldi fbank on the CPU, model at batch size 1 in fp32 (model on --device);
+  (b) pipeline   -- ``extract_speaker_embeddings.py`` as a whole process (start-up, scan, model
+                    load, decode workers, batched fbank + model, results written), wall clock;
+  (c) ceiling    -- the model alone on fixed 6 s inputs at its best batch size, same dtype and
+                    memory format as (b).
+
+Speeds are x real time (audio seconds per wall second). Also reported: min cosine of (b) to (a)
+over files, and the peak resident memory of each phase (max RSS of the process and its decode
+workers). Each phase runs in its own process so memory and thread settings do not leak.
+
+    python bench/bench_throughput.py                       # CPU, ~5-10 min on 2 cores
+    python bench/bench_throughput.py --quick               # ~1-2 min smoke run
+    python bench/bench_throughput.py --device cuda         # one GPU
+    python bench/bench_throughput.py --extract_args "--batch_frames 6000"   # try a setting
+
+Results: a table on stdout and JSON (``--json``, default bench/results/throughput_<device>.json).
+"""
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODELS = {
+    # name: (config, minutes of audio in the full corpus, minutes in --quick)
+    "campplus": ("conf/campplus.yaml", 20.0, 3.0),
+    "eres2netv2": ("conf/eres2netv2.yaml", 8.0, 1.5),
+}
+
+
+# --------------------------------------------------------------------------------- corpus
+def speechlike(seconds: float, rate: int, rng: np.random.Generator) -> np.ndarray:
+    """Voiced-speech-like signal: a gliding F0 with ~12 harmonics shaped by two formants,
+    syllable-rate (3-6 Hz) amplitude bursts with pauses, and background noise."""
+    n = max(1, int(seconds * rate))
+    t = np.arange(n) / rate
+    f0_base = rng.uniform(90, 240)
+    f0 = f0_base * (1 + 0.12 * np.sin(2 * np.pi * rng.uniform(0.2, 0.7) * t + rng.uniform(0, 6))
+                    + 0.05 * np.sin(2 * np.pi * rng.uniform(1.5, 3) * t))
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    formants = rng.uniform([400, 1100], [900, 2400])
+    wave = np.zeros(n)
+    for k in range(1, 13):
+        fk = f0_base * k
+        if fk >= rate / 2 * 0.9:
+            break
+        gain = sum(np.exp(-0.5 * ((fk - f) / 250.0) ** 2) for f in formants) + 0.3 / k
+        wave += gain * np.sin(k * phase + rng.uniform(0, 2 * np.pi))
+    syll = rng.uniform(3, 6)
+    envelope = np.clip(np.sin(2 * np.pi * syll * t + rng.uniform(0, 6)), 0, None) ** 0.7
+    pauses = np.repeat(rng.random(int(seconds) + 2) < 0.8, rate)[:n]  # ~20% of seconds silent-ish
+    wave = wave * envelope * (0.15 + 0.85 * pauses)
+    wave = 0.25 * wave / (np.max(np.abs(wave)) + 1e-9)
+    wave += rng.uniform(0.002, 0.02) * rng.standard_normal(n)
+    return np.clip(wave, -1, 1).astype(np.float32)
+
+
+def draw_duration(rng: np.random.Generator) -> float:
+    u = rng.random()
+    if u < 0.05:
+        return float(rng.uniform(0.6, 2.0))           # short
+    if u < 0.90:
+        return float(np.clip(rng.lognormal(np.log(6.0), 0.55), 2.0, 20.0))  # the bulk: 2-20 s
+    return float(rng.uniform(20.0, 60.0))             # some longer
+
+
+def build_corpus(root: Path, minutes: float, seed: int, real_dir: Path = None) -> dict:
+    """data_root/<dataset>/<speaker>/<utt>: 75% 16 kHz, 15% 8 kHz, 10% 44.1 kHz; 10% stereo;
+    10% FLAC; plus the real demo speech segments when given. Deterministic for a seed."""
+    import soundfile as sf
+    done = root / "corpus.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    rng = np.random.default_rng(seed)
+    total, count, rates, stereo = 0.0, 0, {}, 0
+    speakers = [f"spk{i:03d}" for i in range(24)]
+    while total < minutes * 60:
+        seconds = draw_duration(rng)
+        rate = int(rng.choice([16000, 8000, 44100], p=[0.75, 0.15, 0.10]))
+        channels = 2 if rng.random() < 0.10 else 1
+        wave = speechlike(seconds, rate, rng)
+        if channels == 2:
+            wave = np.stack([wave, 0.6 * wave + 0.01 * rng.standard_normal(len(wave)).astype(np.float32)], 1)
+        ext = "flac" if rng.random() < 0.10 else "wav"
+        dataset = "synthA" if count % 3 else "synthB"
+        path = root / dataset / speakers[count % len(speakers)] / f"utt{count:05d}.{ext}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(str(path), wave, rate, subtype="PCM_16")
+        total += len(wave) / rate
+        count += 1
+        rates[rate] = rates.get(rate, 0) + 1
+        stereo += channels == 2
+    real = 0
+    if real_dir is not None and real_dir.is_dir():
+        for src in sorted(real_dir.rglob("*.wav")):
+            rel = src.relative_to(real_dir)
+            dst = root / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(src.read_bytes())
+            total += sf.info(str(dst)).duration
+            real += 1
+    info = {"files": count + real, "synthetic_files": count, "real_speech_files": real,
+            "audio_s": round(total, 2), "rates": {str(k): v for k, v in sorted(rates.items())},
+            "stereo_files": int(stereo), "seed": seed}
+    done.write_text(json.dumps(info, indent=1))
+    return info
+
+
+def list_corpus(root: Path):
+    from speakerlab.data import scan_tree
+    return scan_tree(root).utterances
+
+
+# --------------------------------------------------------------------------------- models
+def random_eres2netv2(path: Path, config_file: str, seed: int = 0) -> Path:
+    """Full-size ERes2NetV2 with PyTorch's default random initialisation (seeded), saved as a
+    plain state_dict. No trained ERes2NetV2 weights can be fetched here; speed does not depend on
+    the weights. Note on precision: default-init embeddings are fairly alike between files (see
+    ``between_files_mean_cosine`` in the results), so their bf16-vs-fp32 cosine is an easy test.
+    A random net with BatchNorm calibrated on speech features is the opposite extreme: chaotic
+    (2**-9 relative input noise alone moves its fp32 embedding to cosine ~0.98), so neither says
+    how a trained ERes2NetV2 takes bf16; the real CAM++ checkpoint does (cosine 0.9997)."""
+    if path.is_file():
+        return path
+    import torch
+    from speakerlab.config import load_config
+    from speakerlab.models import build_model
+    torch.manual_seed(seed)
+    model = build_model(load_config(config_file)).eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def model_files(name: str, workdir: Path, corpus: Path):
+    config = str(ROOT / MODELS[name][0])
+    if name == "campplus":
+        from speakerlab import zoo
+        return zoo.default_model_path(), config
+    return random_eres2netv2(workdir / "eres2netv2_random_init.ckpt", config), config
+
+
+# ------------------------------------------------------------------------------ processes
+def run_measured(cmd, env=None, cwd=ROOT):
+    """Run a command; return (wall s, peak RSS in MiB of it and its children, stdout, stderr, extra)
+    where extra has the CPU seconds it used (user + sys, children included) and the load average
+    before it started (other work on the machine skews wall-clock numbers: compare CPU seconds)."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        load = os.getloadavg()[0]
+        started = time.perf_counter()
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=full_env, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{stderr[-3000:]}")
+    extra = {"cpu_s": round(usage.ru_utime + usage.ru_stime, 2), "load_before": round(load, 2)}
+    return wall, usage.ru_maxrss / 1024.0, stdout, stderr, extra
+
+
+def sync(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def phase_reference(args) -> dict:
+    """(a): the reference extractor's loop, one file at a time, fp32, batch 1."""
+    import torch
+    from speakerlab.audio import AudioError, load_audio
+    from speakerlab.config import load_config
+    from speakerlab.features import Fbank, FbankConfig
+    from speakerlab.models import load_model
+    device = torch.device(args.device)
+    config = load_config(args.config_file)
+    model = load_model(config, args.model_path).to(device).eval()
+    fbank = Fbank(FbankConfig(sample_rate=config.sample_rate, num_mel_bins=config.fbank_dim))
+    utterances = list_corpus(Path(args.data_root))
+    keys, embs, audio_s = [], [], 0.0
+    # warm-up on one file (the reference also pays this once; keeps first-call noise out)
+    with torch.inference_mode():
+        wave = load_audio(utterances[0].path, config.sample_rate)
+        model(fbank(torch.from_numpy(wave)[None])[0].to(device))
+    sync(device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for utt in utterances:
+            try:
+                wave = load_audio(utt.path, config.sample_rate)
+            except AudioError:
+                continue
+            feats, frames = fbank(torch.from_numpy(wave)[None])       # CPU Kaldi fbank
+            if int(frames[0]) < getattr(model, "min_frames", 2):
+                continue
+            emb = model(feats.to(device))                              # batch 1, fp32
+            embs.append(emb[0].float().cpu().numpy())
+            keys.append(utt.key)
+            audio_s += len(wave) / config.sample_rate
+    sync(device)
+    elapsed = time.perf_counter() - started
+    np.savez(args.out, keys=np.array(keys), embeddings=np.stack(embs))
+    return {"seconds": elapsed, "audio_s": audio_s, "files": len(keys)}
+
+
+def phase_ceiling(args) -> dict:
+    """(c): model only, fixed 6 s inputs, the Embedder's dtype/memory format, best batch."""
+    import torch
+    from speakerlab.config import load_config
+    from speakerlab.embedder import Embedder, default_dtype
+    from speakerlab.extract import cpu_plan
+    from speakerlab.models import load_model
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_plan(-1, 1, device)[1])
+    config = load_config(args.config_file)
+    dtype = default_dtype(device) if args.dtype == "auto" else args.dtype
+    embedder = Embedder(load_model(config, args.model_path), config, device, dtype=dtype)
+    frames = 598  # 6 s of audio at 10 ms shift, 25 ms window
+    results = {}
+    budget = args.ceiling_seconds
+    for batch in [int(b) for b in args.batches.split(",")]:
+        feats = torch.randn(batch, frames, config.fbank_dim, device=device)
+        lengths = torch.full((batch,), frames, device=device)
+        embedder._forward(feats, lengths)  # warm-up (and cudnn/oneDNN kernel selection)
+        sync(device)
+        runs, started = 0, time.perf_counter()
+        while True:
+            embedder._forward(feats, lengths)
+            runs += 1
+            sync(device)
+            elapsed = time.perf_counter() - started
+            if elapsed >= budget and runs >= 2:
+                break
+        results[batch] = runs * batch * 6.0 / elapsed
+    best = max(results, key=results.get)
+    return {"dtype": dtype, "channels_last": embedder.channels_last,
+            "x_real_time_by_batch": {str(k): round(v, 1) for k, v in results.items()},
+            "best_batch": best, "x_real_time": results[best]}
+
+
+def run_phase(name: str, args, model_path, config_file, data_root, out) -> tuple:
+    cmd = [sys.executable, __file__, "--_phase", name, "--_model_path", model_path,
+           "--_config_file", config_file, "--_data_root", data_root, "--_out", out,
+           "--device", args.device, "--dtype", args.dtype, "--batches", args.batches,
+           "--ceiling_seconds", str(args.ceiling_seconds)]
+    wall, rss, stdout, _, extra = run_measured(cmd)
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result.update(extra)
+    return result, rss, wall
+
+
+def pipeline_cmd(args, model_path, config_file, data_root, output_dir):
+    cmd = [sys.executable, ROOT / "extract_speaker_embeddings.py", "--data_root", data_root,
+           "--output_dir", output_dir, "--model_path", model_path, "--config_file", config_file,
+           "--no_progress", "--overwrite"]
+    if args.device != "cpu":
+        cmd.append("--use_gpu")
+    if args.dtype != "auto":
+        cmd += ["--dtype", args.dtype]
+    return cmd + shlex.split(args.extract_args)
+
+
+def cosines(ref_file: Path, rank_file: Path):
+    with np.load(ref_file) as ref, np.load(rank_file) as ours:
+        ref_map = dict(zip(ref["keys"].tolist(), ref["embeddings"]))
+        our_map = dict(zip(ours["keys"].tolist(), ours["embeddings"]))
+    common = sorted(set(ref_map) & set(our_map))
+    a = np.stack([ref_map[k] for k in common]).astype(np.float64)
+    b = np.stack([our_map[k] for k in common]).astype(np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    # spread between files: a healthy model gives clearly different embeddings to different files
+    an = a / np.linalg.norm(a, axis=1, keepdims=True)
+    cross = an @ an.T
+    off = cross[~np.eye(len(an), dtype=bool)]
+    return {"files_compared": len(common), "missing_in_pipeline": len(set(ref_map) - set(our_map)),
+            "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
+            "worst_file": common[int(cos.argmin())], "between_files_mean_cosine": float(off.mean())}
+
+
+def bench_model(name: str, args, workdir: Path) -> dict:
+    minutes = MODELS[name][2] if args.quick else MODELS[name][1]
+    if args.minutes is not None:
+        minutes = args.minutes
+    corpus = Path(args.corpus_dir or workdir) / f"corpus_{name}_{minutes:g}min"
+    real = Path(os.environ.get("SPEAKERLAB_FIXTURES", ROOT.parent / "shared" / "fixtures")) / "campplus_sample" / "data"
+    t0 = time.perf_counter()
+    info = build_corpus(corpus, minutes, seed=args.seed, real_dir=real if args.real_speech else None)
+    print(f"[{name}] corpus {corpus}: {info['files']} files, {info['audio_s'] / 60:.1f} min "
+          f"(built/reused in {time.perf_counter() - t0:.1f} s)", flush=True)
+    model_path, config_file = model_files(name, workdir, corpus)
+    result = {"model": name, "model_path": str(model_path), "config": config_file, "corpus": info}
+
+    ref_out = workdir / f"reference_{name}.npz"
+    ref, ref_rss, ref_wall = run_phase("reference", args, model_path, config_file, corpus, ref_out)
+    result["a_reference"] = {"x_real_time": ref["audio_s"] / ref["seconds"], "loop_s": ref["seconds"],
+                             "process_wall_s": ref_wall, "peak_rss_mib": ref_rss, "files": ref["files"],
+                             "process_cpu_s": ref["cpu_s"], "load_before": ref["load_before"]}
+    print(f"[{name}] (a) reference loop: {result['a_reference']['x_real_time']:.1f}x real time "
+          f"({ref['seconds']:.1f} s)", flush=True)
+
+    out_dir = workdir / f"pipeline_{name}"
+    cmd = pipeline_cmd(args, model_path, config_file, corpus, out_dir)
+    walls, rss_all, cpus, loads, log_tail = [], [], [], [], ""
+    for _ in range(args.repeat):
+        wall, rss, _, stderr, extra = run_measured(cmd)
+        walls.append(wall)
+        rss_all.append(rss)
+        cpus.append(extra["cpu_s"])
+        loads.append(extra["load_before"])
+        log_tail = stderr
+    meta = json.loads((out_dir / "rank_00" / "metadata.json").read_text())
+    wall = min(walls)
+    result["b_pipeline"] = {"x_real_time": info["audio_s"] / wall, "process_wall_s": wall,
+                            "all_runs_wall_s": walls, "peak_rss_mib": max(rss_all),
+                            "process_cpu_s": cpus[walls.index(wall)], "load_before": loads[walls.index(wall)],
+                            "embedded": meta["counts"]["embedded"], "failed": meta["counts"]["failed"],
+                            "dtype": meta["dtype"], "batch_policy": meta.get("batch_policy"),
+                            "command": " ".join(shlex.quote(str(c)) for c in cmd),
+                            "log": [l for l in log_tail.splitlines() if "INFO" in l or "WARN" in l][-6:]}
+    result["b_pipeline"].update(cosines(ref_out, out_dir / "rank_00" / "embeddings.npz"))
+    print(f"[{name}] (b) pipeline: {result['b_pipeline']['x_real_time']:.1f}x real time "
+          f"({wall:.1f} s whole process), min cosine to (a) {result['b_pipeline']['min_cosine']:.5f}",
+          flush=True)
+
+    if not args.skip_ceiling:
+        ceil, ceil_rss, _ = run_phase("ceiling", args, model_path, config_file, corpus, workdir / "unused")
+        ceil["peak_rss_mib"] = ceil_rss
+        result["c_ceiling"] = ceil
+        print(f"[{name}] (c) model-only ceiling: {ceil['x_real_time']:.1f}x real time "
+              f"(batch {ceil['best_batch']}, {ceil['dtype']}; {ceil['x_real_time_by_batch']})", flush=True)
+    a = result["a_reference"]["x_real_time"]
+    b = result["b_pipeline"]["x_real_time"]
+    result["ratios"] = {"b_over_a": b / a}
+    if "c_ceiling" in result:
+        result["ratios"]["b_over_c"] = b / result["c_ceiling"]["x_real_time"]
+    return result
+
+
+def machine_info(device: str) -> dict:
+    import torch
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_cores": len(os.sched_getaffinity(0)), "device": device}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        from speakerlab.embedder import cpu_has_fast_bf16
+        info["cpu_native_bf16"] = cpu_has_fast_bf16()
+    except Exception:
+        pass
+    return info
+
+
+def print_table(results):
+    head = (f"{'model':<11} {'(a) ref x':>9} {'(b) ours x':>10} {'(c) ceil x':>10} {'b/a':>6} {'b/c':>6} "
+            f"{'min cos':>8} {'dtype':>5} {'a MiB':>6} {'b MiB':>6} {'c MiB':>6} {'load':>5}")
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        c = r.get("c_ceiling", {})
+        print(f"{r['model']:<11} {r['a_reference']['x_real_time']:>9.1f} {r['b_pipeline']['x_real_time']:>10.1f} "
+              f"{c.get('x_real_time', float('nan')):>10.1f} {r['ratios']['b_over_a']:>6.2f} "
+              f"{r['ratios'].get('b_over_c', float('nan')):>6.2f} {r['b_pipeline']['min_cosine']:>8.5f} "
+              f"{r['b_pipeline']['dtype']:>5} {r['a_reference']['peak_rss_mib']:>6.0f} "
+              f"{r['b_pipeline']['peak_rss_mib']:>6.0f} {c.get('peak_rss_mib', float('nan')):>6.0f} "
+              f"{max(r['a_reference']['load_before'], r['b_pipeline']['load_before']):>5.1f}")
+    print("x = audio seconds per wall second; MiB = peak RSS (process + decode workers); load = 1-min load "
+          "average before (a)/(b) started (above ~0.5 per core, other work skews the numbers)")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (the pipeline then gets --use_gpu)")
+    p.add_argument("--models", default="campplus,eres2netv2")
+    p.add_argument("--quick", action="store_true", help="small corpora, short ceiling runs")
+    p.add_argument("--minutes", type=float, default=None, help="corpus size for every model (minutes)")
+    p.add_argument("--corpus_dir", default=None, help="where corpora are built / reused (default: workdir)")
+    p.add_argument("--workdir", default=None, help="scratch dir (default: a temporary dir, removed)")
+    p.add_argument("--no_real_speech", dest="real_speech", action="store_false",
+                   help="leave out the real speech segments from the parity fixtures")
+    p.add_argument("--dtype", default="auto", help="dtype for (b) and (c): auto (the pipeline's default) or fp32|bf16|fp16")
+    p.add_argument("--extract_args", default="", help="extra arguments for the extraction command (b)")
+    p.add_argument("--repeat", type=int, default=1, help="run (b) this many times, keep the fastest")
+    p.add_argument("--batches", default=None, help="batch sizes tried for (c), comma separated")
+    p.add_argument("--ceiling_seconds", type=float, default=None, help="time per batch size in (c)")
+    p.add_argument("--skip_ceiling", action="store_true")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--json", default=None, help="write results here (default bench/results/throughput_<device>.json)")
+    for hidden in ("--_phase", "--_model_path", "--_config_file", "--_data_root", "--_out"):
+        p.add_argument(hidden, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    if args.batches is None:
+        args.batches = "32,64,128,256" if gpu else "1,4,16"
+    if args.ceiling_seconds is None:
+        args.ceiling_seconds = 2.0 if args.quick else 5.0
+
+    if args._phase:
+        args.model_path, args.config_file = args._model_path, args._config_file
+        args.data_root, args.out = args._data_root, args._out
+        result = phase_reference(args) if args._phase == "reference" else phase_ceiling(args)
+        print(json.dumps(result))
+        return 0
+
+    os.environ.setdefault("SPEAKERLAB_FIXTURES", str(ROOT.parent / "shared" / "fixtures"))
+    started = time.perf_counter()
+    tmp = None
+    if args.workdir:
+        workdir = Path(args.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="speakerlab_bench_")
+        workdir = Path(tmp.name)
+    results = []
+    try:
+        for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+            if name not in MODELS:
+                print(f"error: unknown model {name}; choose from {', '.join(MODELS)}", file=sys.stderr)
+                return 2
+            results.append(bench_model(name, args, workdir))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    print()
+    print_table(results)
+    report = {"machine": machine_info(args.device), "command": " ".join(map(shlex.quote, sys.argv)),
+              "quick": args.quick, "extract_args": args.extract_args, "dtype": args.dtype,
+              "total_bench_s": round(time.perf_counter() - started, 1),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}
+    out = Path(args.json or ROOT / "bench" / "results" / f"throughput_{args.device.split(':')[0]}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=float))
+    print(f"\nbench took {report['total_bench_s']:.0f} s; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
