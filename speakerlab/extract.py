@@ -14,7 +14,10 @@ import os
 import platform
 import shutil
 import sys
+import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import List, Optional
@@ -57,8 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", type=int, nargs="+", default=[0], help="GPU ids; rank uses gpu[LOCAL_RANK %% len]")
     p.add_argument("--batch_size", type=int, default=128, help="most utterances in one batch")
     p.add_argument("--batch_frames", type=int, default=None,
-                   help="padded feature frames per batch (10 ms each); default 3000 on CPU, 120000 on GPU")
+                   help="padded feature frames per batch (10 ms each); default 120000 on GPU; on CPU 3000, "
+                        "or 1 (one utterance per batch) for ERes2Net models")
     p.add_argument("--num_workers", type=int, default=-1, help="decode worker processes; -1 = auto")
+    p.add_argument("--streams", type=int, default=-1,
+                   help="CPU only: batches run concurrently, each single-threaded; -1 = auto (one per core, <= 16)")
     p.add_argument("--dtype", choices=["auto"] + list(DTYPES), default="auto",
                    help="model precision; auto = bf16 on GPUs and on CPUs with native bf16, else fp32")
     p.add_argument("--channels", choices=["first", "mean"], default="first",
@@ -103,19 +109,81 @@ def pick_device(use_gpu: bool, gpus: List[int], local_rank: int) -> torch.device
     return torch.device("cpu")
 
 
-def cpu_plan(num_workers: int, local_world: int, device: torch.device):
-    """Split this machine's cores between decode workers and the model's threads.
+def cpu_plan(num_workers: int, local_world: int, device: torch.device, streams: int = -1):
+    """Split this rank's share of the cores: (decode workers, model threads per stream, streams).
 
-    Measured on 2 cores (bench/): decoding is ~5% of the model's time, so on CPU one worker
-    overlapping I/O with the model, and all cores for the model's threads, is best. On GPU the
-    model is fast and decode is the bottleneck, so workers get the rank's share of the cores.
+    GPU: the model is fast and decoding is the bottleneck, so workers get the cores.
+    CPU (measured on 2 cores, bench/): the model is the bottleneck and runs fastest as several
+    single-threaded streams, one batch each, rather than one batch spread over all cores: CPU
+    work per batch is many small ops, and with two or more intra-op threads every op ends in a
+    barrier where a thread that the OS has preempted (for a decode worker, or any other process)
+    stalls the others -- on a busy 2-core machine that cost the model up to 30x. One stream per
+    core (at most 16; beyond that streams get several threads), and one decode worker per 8 cores
+    (decoding is ~5% of the model's work on CPU).
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     share = max(1, cores // max(1, local_world))
+    if device.type == "cuda":
+        if num_workers < 0:
+            num_workers = max(1, min(share - 1, 8))
+        return num_workers, max(1, min(4, share - num_workers)), 1
     if num_workers < 0:
-        num_workers = max(1, min(share - 1, 8)) if device.type == "cuda" else (1 if share <= 8 else 2)
-    threads = share if device.type == "cpu" else max(1, min(4, share - num_workers))
-    return num_workers, threads
+        num_workers = max(1, min(8, share // 8))
+    if streams < 1:
+        streams = min(share, 16)
+    return num_workers, max(1, share // streams), streams
+
+
+def default_batch_frames(device: torch.device, model: torch.nn.Module) -> int:
+    """Padded frames per batch. Measured on CPU (bench/, per single-threaded stream): CAM++ is
+    fastest at 3000-6000 frames (batch 1: -30%); ERes2Net(V2) at batch size 1 (a 4-utterance
+    batch is ~15% slower per frame), so there every utterance is its own batch."""
+    if device.type == "cuda":
+        return 120000
+    from speakerlab.models.eres2net_blocks import ERes2NetTrunk
+    return 1 if isinstance(model, ERes2NetTrunk) else 3000
+
+
+class ModelStreams:
+    """Run ``embedder.embed`` on batches in ``streams`` threads, yielding results in input order.
+
+    Each thread runs its batch's fbank and model single-threaded (``threads`` intra-op threads);
+    torch releases the GIL inside ops, so streams use separate cores. Batches of more than
+    ``max(batch_frames, 12000)`` frames (files over 2 minutes) run one at a time, so the memory
+    peak stays that of one long file.
+    """
+
+    def __init__(self, embedder: Embedder, streams: int, threads: int, batch_frames: int):
+        self.embedder = embedder
+        self.streams = max(1, streams)
+        self.threads = threads
+        self.batch_frames = batch_frames
+        self._oversized = threading.Lock()
+
+    def _embed(self, waves, lengths):
+        frames = waves.shape[1] // self.embedder.fbank.config.frame_shift
+        if self.streams > 1 and frames > max(self.batch_frames, 12000):
+            with self._oversized:
+                return embed_batch(self.embedder, waves, lengths)
+        return embed_batch(self.embedder, waves, lengths)
+
+    def map(self, loader):
+        """Yield (batch, [Result per utterance]) for each loader batch, in loader order."""
+        if self.streams == 1:
+            for batch in loader:
+                yield batch, (self._embed(batch[1], batch[2]) if batch[0] else [])
+            return
+        window = deque()
+        with ThreadPoolExecutor(self.streams, initializer=torch.set_num_threads,
+                                initargs=(self.threads,)) as pool:
+            for batch in loader:
+                window.append((batch, pool.submit(self._embed, batch[1], batch[2]) if batch[0] else None))
+                while len(window) > 2 * self.streams:  # keep every stream busy, a few queued
+                    done, future = window.popleft()
+                    yield done, future.result() if future else []
+            while window:
+                done, future = window.popleft()
+                yield done, future.result() if future else []
 
 
 # --- scan ----------------------------------------------------------------------------------
@@ -337,7 +405,7 @@ def run(args) -> int:
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     device = pick_device(args.use_gpu, args.gpu, local_rank)
-    num_workers, threads = cpu_plan(args.num_workers, local_world, device)
+    num_workers, threads, streams = cpu_plan(args.num_workers, local_world, device, args.streams)
     torch.set_num_threads(threads)
     dtype = default_dtype(device) if args.dtype == "auto" else args.dtype
     try:
@@ -397,7 +465,7 @@ def run(args) -> int:
     if done:
         log.info("rank %d: resuming, %d of %d utterances already done", rank, len(done), len(shard))
 
-    batch_frames = args.batch_frames or (120000 if device.type == "cuda" else 3000)
+    batch_frames = args.batch_frames or default_batch_frames(device, model)
     metadata["batch_policy"]["batch_frames"] = batch_frames
     sr = config.sample_rate
     est = [int(u.num_samples * sr / u.sample_rate) if u.sample_rate else 0 for u in todo]
@@ -406,27 +474,27 @@ def run(args) -> int:
         WaveDataset(todo, sr, args.channels), batch_sampler=batches, num_workers=num_workers,
         collate_fn=collate, pin_memory=device.type == "cuda",
         prefetch_factor=4 if num_workers > 0 else None)
-    log.info("rank %d/%d on %s (%s): %d utterances to do, %d decode workers, %d threads, batches of "
-             "<= %d frames", rank, world, device, dtype, len(todo), num_workers, threads, batch_frames)
+    log.info("rank %d/%d on %s (%s): %d utterances to do, %d decode workers, %d model stream(s) x %d "
+             "thread(s), batches of <= %d frames", rank, world, device, dtype, len(todo), num_workers,
+             streams, threads, batch_frames)
+    metadata["batch_policy"].update({"streams": streams, "threads": threads, "num_workers": num_workers})
 
     progress = make_progress(len(shard), len(done), rank, local_rank, args.no_progress)
     audio_seconds = 0.0
-    for indices, waves, lengths, bad in loader:
+    for (indices, waves, lengths, bad), results in ModelStreams(embedder, streams, threads, batch_frames).map(loader):
         for index, error in bad:
             store.fail(failure_record(todo[index], error.stage, error.reason))
-        if indices:
-            results = embed_batch(embedder, waves, lengths)
-            for position, index in enumerate(indices):
-                utt = todo[index]
-                result = results[position]
-                if result.error:
-                    store.fail(failure_record(utt, *result.error))
-                else:
-                    seconds = int(lengths[position]) / sr
-                    audio_seconds += seconds
-                    store.add(utt.key, result.embedding,
-                              {"seconds": round(seconds, 4)} if result.chunks == 1 else
-                              {"seconds": round(seconds, 4), "chunks": result.chunks})
+        for position, index in enumerate(indices):
+            utt = todo[index]
+            result = results[position]
+            if result.error:
+                store.fail(failure_record(utt, *result.error))
+            else:
+                seconds = int(lengths[position]) / sr
+                audio_seconds += seconds
+                store.add(utt.key, result.embedding,
+                          {"seconds": round(seconds, 4)} if result.chunks == 1 else
+                          {"seconds": round(seconds, 4), "chunks": result.chunks})
         progress.update(len(indices) + len(bad))
         progress.set_postfix_str(f"{audio_seconds / 3600:.2f} h audio", refresh=False)
         store.maybe_flush(args.flush_every, args.flush_seconds)
