@@ -201,11 +201,28 @@ def phase_reference(args) -> dict:
     fbank = Fbank(FbankConfig(sample_rate=config.sample_rate, num_mel_bins=config.fbank_dim))
     utterances = list_corpus(Path(args.data_root))
     keys, embs, audio_s = [], [], 0.0
-    # warm-up on one file (the reference also pays this once; keeps first-call noise out)
+    # Warm-up, and the reference's thread count: torch's default (all cores, what extract.py
+    # gets) or 1, whichever runs a 6 s input faster right now. On a busy machine the all-core
+    # setting can be many times slower (threads wait on preempted peers at every op), and the
+    # comparison should not flatter (b) with a handicapped reference.
+    threads = {}
     with torch.inference_mode():
-        wave = load_audio(utterances[0].path, config.sample_rate)
-        model(fbank(torch.from_numpy(wave)[None])[0].to(device))
-    sync(device)
+        probe = fbank(torch.from_numpy(load_audio(utterances[0].path, config.sample_rate))[None])[0]
+        probe = probe[:, :598] if probe.shape[1] >= 598 else probe
+        for count in ([args.reference_threads] if args.reference_threads else
+                      sorted({torch.get_num_threads(), 1}, reverse=True)):
+            torch.set_num_threads(count)
+            model(probe.to(device))
+            best = float("inf")
+            for _ in range(3):
+                sync(device)
+                t = time.perf_counter()
+                model(probe.to(device))
+                sync(device)
+                best = min(best, time.perf_counter() - t)
+            threads[count] = best
+    chosen = min(threads, key=threads.get)
+    torch.set_num_threads(chosen)
     started = time.perf_counter()
     with torch.inference_mode():
         for utt in utterances:
@@ -223,26 +240,29 @@ def phase_reference(args) -> dict:
     sync(device)
     elapsed = time.perf_counter() - started
     np.savez(args.out, keys=np.array(keys), embeddings=np.stack(embs))
-    return {"seconds": elapsed, "audio_s": audio_s, "files": len(keys)}
+    return {"seconds": elapsed, "audio_s": audio_s, "files": len(keys), "threads": chosen,
+            "probe_s_by_threads": {str(k): round(v, 4) for k, v in threads.items()}}
 
 
 def phase_ceiling(args) -> dict:
-    """(c): model only, fixed 6 s inputs, the Embedder's dtype/memory format, best batch."""
+    """(c): model only, fixed 6 s inputs, the pipeline's dtype / memory format / CPU streams,
+    best batch size."""
     import torch
+    from concurrent.futures import ThreadPoolExecutor
     from speakerlab.config import load_config
     from speakerlab.embedder import Embedder, default_dtype
     from speakerlab.extract import cpu_plan
     from speakerlab.models import load_model
     device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(cpu_plan(-1, 1, device)[1])
+    _, threads, streams = cpu_plan(-1, 1, device)
+    torch.set_num_threads(threads)
     config = load_config(args.config_file)
     dtype = default_dtype(device) if args.dtype == "auto" else args.dtype
     embedder = Embedder(load_model(config, args.model_path), config, device, dtype=dtype)
     frames = 598  # 6 s of audio at 10 ms shift, 25 ms window
-    results = {}
     budget = args.ceiling_seconds
-    for batch in [int(b) for b in args.batches.split(",")]:
+
+    def stream(batch):
         feats = torch.randn(batch, frames, config.fbank_dim, device=device)
         lengths = torch.full((batch,), frames, device=device)
         embedder._forward(feats, lengths)  # warm-up (and cudnn/oneDNN kernel selection)
@@ -254,10 +274,14 @@ def phase_ceiling(args) -> dict:
             sync(device)
             elapsed = time.perf_counter() - started
             if elapsed >= budget and runs >= 2:
-                break
-        results[batch] = runs * batch * 6.0 / elapsed
+                return runs * batch * 6.0 / elapsed
+
+    results = {}
+    with ThreadPoolExecutor(streams, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        for batch in [int(b) for b in args.batches.split(",")]:
+            results[batch] = sum(pool.map(stream, [batch] * streams))
     best = max(results, key=results.get)
-    return {"dtype": dtype, "channels_last": embedder.channels_last,
+    return {"dtype": dtype, "channels_last": embedder.channels_last, "streams": streams, "threads": threads,
             "x_real_time_by_batch": {str(k): round(v, 1) for k, v in results.items()},
             "best_batch": best, "x_real_time": results[best]}
 
@@ -266,14 +290,14 @@ def run_phase(name: str, args, model_path, config_file, data_root, out) -> tuple
     cmd = [sys.executable, __file__, "--_phase", name, "--_model_path", model_path,
            "--_config_file", config_file, "--_data_root", data_root, "--_out", out,
            "--device", args.device, "--dtype", args.dtype, "--batches", args.batches,
-           "--ceiling_seconds", str(args.ceiling_seconds)]
+           "--ceiling_seconds", str(args.ceiling_seconds), "--reference_threads", str(args.reference_threads)]
     wall, rss, stdout, _, extra = run_measured(cmd)
     result = json.loads(stdout.strip().splitlines()[-1])
     result.update(extra)
     return result, rss, wall
 
 
-def pipeline_cmd(args, model_path, config_file, data_root, output_dir):
+def pipeline_cmd(args, model_path, config_file, data_root, output_dir, extra_args=""):
     cmd = [sys.executable, ROOT / "extract_speaker_embeddings.py", "--data_root", data_root,
            "--output_dir", output_dir, "--model_path", model_path, "--config_file", config_file,
            "--no_progress", "--overwrite"]
@@ -281,7 +305,7 @@ def pipeline_cmd(args, model_path, config_file, data_root, output_dir):
         cmd.append("--use_gpu")
     if args.dtype != "auto":
         cmd += ["--dtype", args.dtype]
-    return cmd + shlex.split(args.extract_args)
+    return cmd + shlex.split(extra_args)
 
 
 def cosines(ref_file: Path, rank_file: Path):
@@ -318,33 +342,38 @@ def bench_model(name: str, args, workdir: Path) -> dict:
     ref, ref_rss, ref_wall = run_phase("reference", args, model_path, config_file, corpus, ref_out)
     result["a_reference"] = {"x_real_time": ref["audio_s"] / ref["seconds"], "loop_s": ref["seconds"],
                              "process_wall_s": ref_wall, "peak_rss_mib": ref_rss, "files": ref["files"],
-                             "process_cpu_s": ref["cpu_s"], "load_before": ref["load_before"]}
+                             "process_cpu_s": ref["cpu_s"], "load_before": ref["load_before"],
+                             "threads": ref["threads"], "probe_s_by_threads": ref["probe_s_by_threads"]}
     print(f"[{name}] (a) reference loop: {result['a_reference']['x_real_time']:.1f}x real time "
-          f"({ref['seconds']:.1f} s)", flush=True)
+          f"({ref['seconds']:.1f} s, {ref['threads']} thread(s))", flush=True)
 
-    out_dir = workdir / f"pipeline_{name}"
-    cmd = pipeline_cmd(args, model_path, config_file, corpus, out_dir)
-    walls, rss_all, cpus, loads, log_tail = [], [], [], [], ""
-    for _ in range(args.repeat):
-        wall, rss, _, stderr, extra = run_measured(cmd)
-        walls.append(wall)
-        rss_all.append(rss)
-        cpus.append(extra["cpu_s"])
-        loads.append(extra["load_before"])
-        log_tail = stderr
-    meta = json.loads((out_dir / "rank_00" / "metadata.json").read_text())
-    wall = min(walls)
-    result["b_pipeline"] = {"x_real_time": info["audio_s"] / wall, "process_wall_s": wall,
-                            "all_runs_wall_s": walls, "peak_rss_mib": max(rss_all),
-                            "process_cpu_s": cpus[walls.index(wall)], "load_before": loads[walls.index(wall)],
-                            "embedded": meta["counts"]["embedded"], "failed": meta["counts"]["failed"],
-                            "dtype": meta["dtype"], "batch_policy": meta.get("batch_policy"),
-                            "command": " ".join(shlex.quote(str(c)) for c in cmd),
-                            "log": [l for l in log_tail.splitlines() if "INFO" in l or "WARN" in l][-6:]}
-    result["b_pipeline"].update(cosines(ref_out, out_dir / "rank_00" / "embeddings.npz"))
-    print(f"[{name}] (b) pipeline: {result['b_pipeline']['x_real_time']:.1f}x real time "
-          f"({wall:.1f} s whole process), min cosine to (a) {result['b_pipeline']['min_cosine']:.5f}",
-          flush=True)
+    variants = [("b_pipeline", args.extract_args)]
+    if args.baseline_args is not None:
+        variants.append(("b_baseline", args.baseline_args))
+    runs = {key: [] for key, _ in variants}
+    for _ in range(args.repeat):  # variants interleaved, so a burst of other load hits both alike
+        for key, extra_args in variants:
+            out_dir = workdir / f"pipeline_{name}_{key}"
+            cmd = pipeline_cmd(args, model_path, config_file, corpus, out_dir, extra_args)
+            wall, rss, _, stderr, extra = run_measured(cmd)
+            runs[key].append({"wall": wall, "rss": rss, "stderr": stderr, "cmd": cmd, **extra})
+    for key, extra_args in variants:
+        out_dir = workdir / f"pipeline_{name}_{key}"
+        best = min(runs[key], key=lambda r: r["wall"])
+        meta = json.loads((out_dir / "rank_00" / "metadata.json").read_text())
+        entry = {"x_real_time": info["audio_s"] / best["wall"], "process_wall_s": best["wall"],
+                 "all_runs_wall_s": [round(r["wall"], 2) for r in runs[key]],
+                 "peak_rss_mib": max(r["rss"] for r in runs[key]), "process_cpu_s": best["cpu_s"],
+                 "load_before": best["load_before"], "extract_args": extra_args,
+                 "embedded": meta["counts"]["embedded"], "failed": meta["counts"]["failed"],
+                 "dtype": meta["dtype"], "batch_policy": meta.get("batch_policy"),
+                 "command": " ".join(shlex.quote(str(c)) for c in best["cmd"]),
+                 "log": [l for l in best["stderr"].splitlines() if "INFO" in l or "WARN" in l][-6:]}
+        entry.update(cosines(ref_out, out_dir / "rank_00" / "embeddings.npz"))
+        result[key] = entry
+        print(f"[{name}] ({'b' if key == 'b_pipeline' else 'b baseline'}) pipeline {extra_args!r}: "
+              f"{entry['x_real_time']:.1f}x real time ({best['wall']:.1f} s whole process), "
+              f"min cosine to (a) {entry['min_cosine']:.5f}", flush=True)
 
     if not args.skip_ceiling:
         ceil, ceil_rss, _ = run_phase("ceiling", args, model_path, config_file, corpus, workdir / "unused")
@@ -355,6 +384,8 @@ def bench_model(name: str, args, workdir: Path) -> dict:
     a = result["a_reference"]["x_real_time"]
     b = result["b_pipeline"]["x_real_time"]
     result["ratios"] = {"b_over_a": b / a}
+    if "b_baseline" in result:
+        result["ratios"]["baseline_over_a"] = result["b_baseline"]["x_real_time"] / a
     if "c_ceiling" in result:
         result["ratios"]["b_over_c"] = b / result["c_ceiling"]["x_real_time"]
     return result
@@ -383,6 +414,7 @@ def machine_info(device: str) -> dict:
 
 def print_table(results):
     head = (f"{'model':<11} {'(a) ref x':>9} {'(b) ours x':>10} {'(c) ceil x':>10} {'b/a':>6} {'b/c':>6} "
+            f"{'base/a':>6} "
             f"{'min cos':>8} {'dtype':>5} {'a MiB':>6} {'b MiB':>6} {'c MiB':>6} {'load':>5}")
     print(head)
     print("-" * len(head))
@@ -390,12 +422,14 @@ def print_table(results):
         c = r.get("c_ceiling", {})
         print(f"{r['model']:<11} {r['a_reference']['x_real_time']:>9.1f} {r['b_pipeline']['x_real_time']:>10.1f} "
               f"{c.get('x_real_time', float('nan')):>10.1f} {r['ratios']['b_over_a']:>6.2f} "
-              f"{r['ratios'].get('b_over_c', float('nan')):>6.2f} {r['b_pipeline']['min_cosine']:>8.5f} "
+              f"{r['ratios'].get('b_over_c', float('nan')):>6.2f} {r['ratios'].get('baseline_over_a', float('nan')):>6.2f} "
+              f"{r['b_pipeline']['min_cosine']:>8.5f} "
               f"{r['b_pipeline']['dtype']:>5} {r['a_reference']['peak_rss_mib']:>6.0f} "
               f"{r['b_pipeline']['peak_rss_mib']:>6.0f} {c.get('peak_rss_mib', float('nan')):>6.0f} "
               f"{max(r['a_reference']['load_before'], r['b_pipeline']['load_before']):>5.1f}")
     print("x = audio seconds per wall second; MiB = peak RSS (process + decode workers); load = 1-min load "
-          "average before (a)/(b) started (above ~0.5 per core, other work skews the numbers)")
+          "average before (a)/(b) started (above ~0.5 per core, other work skews the numbers); base/a = "
+          "(b) run with --baseline_args")
 
 
 def main(argv=None) -> int:
@@ -411,10 +445,15 @@ def main(argv=None) -> int:
                    help="leave out the real speech segments from the parity fixtures")
     p.add_argument("--dtype", default="auto", help="dtype for (b) and (c): auto (the pipeline's default) or fp32|bf16|fp16")
     p.add_argument("--extract_args", default="", help="extra arguments for the extraction command (b)")
+    p.add_argument("--baseline_args", default=None,
+                   help="also run (b) with these extraction arguments instead (e.g. an older setting), "
+                        "interleaved with the default, and report both")
     p.add_argument("--repeat", type=int, default=1, help="run (b) this many times, keep the fastest")
     p.add_argument("--batches", default=None, help="batch sizes tried for (c), comma separated")
     p.add_argument("--ceiling_seconds", type=float, default=None, help="time per batch size in (c)")
     p.add_argument("--skip_ceiling", action="store_true")
+    p.add_argument("--reference_threads", type=int, default=0,
+                   help="threads for (a); 0 = the faster of torch's default and 1, probed at start")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", default=None, help="write results here (default bench/results/throughput_<device>.json)")
     for hidden in ("--_phase", "--_model_path", "--_config_file", "--_data_root", "--_out"):
@@ -455,7 +494,8 @@ def main(argv=None) -> int:
     print()
     print_table(results)
     report = {"machine": machine_info(args.device), "command": " ".join(map(shlex.quote, sys.argv)),
-              "quick": args.quick, "extract_args": args.extract_args, "dtype": args.dtype,
+              "quick": args.quick, "extract_args": args.extract_args, "baseline_args": args.baseline_args,
+              "dtype": args.dtype,
               "total_bench_s": round(time.perf_counter() - started, 1),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}
     out = Path(args.json or ROOT / "bench" / "results" / f"throughput_{args.device.split(':')[0]}.json")
