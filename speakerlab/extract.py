@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", type=int, nargs="+", default=[0], help="GPU ids; rank uses gpu[LOCAL_RANK %% len]")
     p.add_argument("--batch_size", type=int, default=128, help="most utterances in one batch")
     p.add_argument("--batch_frames", type=int, default=None,
-                   help="padded feature frames per batch (10 ms each); default 120000 on GPU; on CPU 3000, "
+                   help="padded feature frames per batch (10 ms each); default 120000 on GPU; on CPU 6000, "
                         "or 1 (one utterance per batch) for ERes2Net models")
     p.add_argument("--num_workers", type=int, default=-1, help="decode worker processes; -1 = auto")
     p.add_argument("--streams", type=int, default=-1,
@@ -135,13 +135,14 @@ def cpu_plan(num_workers: int, local_world: int, device: torch.device, streams: 
 
 
 def default_batch_frames(device: torch.device, model: torch.nn.Module) -> int:
-    """Padded frames per batch. Measured on CPU (bench/, per single-threaded stream): CAM++ is
-    fastest at 3000-6000 frames (batch 1: -30%); ERes2Net(V2) at batch size 1 (a 4-utterance
-    batch is ~15% slower per frame), so there every utterance is its own batch."""
+    """Padded frames per batch. Measured on CPU (2-core AVX-512 bf16 machine, bf16, bench/):
+    CAM++ per single-threaded stream 1500: 72x, 3000: 84x, 6000: 87x, 12000: 71x real time,
+    whole pipeline 3000: 119x, 6000: 126x; ERes2NetV2 is fastest at batch size 1 (1500 frames:
+    -5%, 3000: -9%), so there every utterance is its own batch."""
     if device.type == "cuda":
         return 120000
     from speakerlab.models.eres2net_blocks import ERes2NetTrunk
-    return 1 if isinstance(model, ERes2NetTrunk) else 3000
+    return 1 if isinstance(model, ERes2NetTrunk) else 6000
 
 
 class ModelStreams:

@@ -101,7 +101,7 @@ def test_default_batch_frames(fixtures_dir):
                       fixtures_dir / "eres2netv2_tiny" / "model.ckpt")
     cam = load_model(load_config(fixtures_dir / "campplus_tiny" / "config.yaml"),
                      fixtures_dir / "campplus_tiny" / "model.ckpt")
-    assert default_batch_frames(cpu, eres) == 1 and default_batch_frames(cpu, cam) == 3000
+    assert default_batch_frames(cpu, eres) == 1 and default_batch_frames(cpu, cam) == 6000
     assert default_batch_frames(torch.device("cuda"), cam) == 120000
 
 
