@@ -148,10 +148,11 @@ class SpeakerModel:
 
     def _embed_many(self, items, rates, batch_size, batch_frames, on_error) -> np.ndarray:
         from speakerlab.batching import pad_waves, plan_batches
+        from speakerlab.embedder import default_batch_frames
         dim = None
         rows: List[Optional[np.ndarray]] = [None] * len(items)
         if batch_frames is None:
-            batch_frames = 120000 if self.device.type == "cuda" else 3000
+            batch_frames = default_batch_frames(self.device, self.embedder.model)
         block = max(1, batch_size) * 8  # decode a bounded number of inputs at a time
         for first in range(0, len(items), block):
             labels, waves, positions = [], [], []

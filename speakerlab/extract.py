@@ -30,7 +30,7 @@ from speakerlab import manifest as manifest_mod
 from speakerlab.audio import AudioError, load_audio
 from speakerlab.batching import pad_waves, plan_batches
 from speakerlab.config import ConfigError, load_config
-from speakerlab.embedder import DTYPES, Embedder, Result, default_dtype
+from speakerlab.embedder import DTYPES, Embedder, Result, default_batch_frames, default_dtype
 from speakerlab.models import ModelLoadError, file_sha256, load_model
 from speakerlab.store import RankStore, atomic_write_json, read_json
 
@@ -132,17 +132,6 @@ def cpu_plan(num_workers: int, local_world: int, device: torch.device, streams: 
     if streams < 1:
         streams = min(share, 16)
     return num_workers, max(1, share // streams), streams
-
-
-def default_batch_frames(device: torch.device, model: torch.nn.Module) -> int:
-    """Padded frames per batch. Measured on CPU (2-core AVX-512 bf16 machine, bf16, bench/):
-    CAM++ per single-threaded stream 1500: 72x, 3000: 84x, 6000: 87x, 12000: 71x real time,
-    whole pipeline 3000: 119x, 6000: 126x; ERes2NetV2 is fastest at batch size 1 (1500 frames:
-    -5%, 3000: -9%), so there every utterance is its own batch."""
-    if device.type == "cuda":
-        return 120000
-    from speakerlab.models.eres2net_blocks import ERes2NetTrunk
-    return 1 if isinstance(model, ERes2NetTrunk) else 6000
 
 
 class ModelStreams:

@@ -8,7 +8,8 @@ import torch
 
 from speakerlab.config import load_config
 from speakerlab.embedder import Embedder
-from speakerlab.extract import ModelStreams, cpu_plan, default_batch_frames
+from speakerlab.embedder import default_batch_frames
+from speakerlab.extract import ModelStreams, cpu_plan
 from speakerlab.batching import pad_waves
 from speakerlab.models import load_model
 from tests.helpers import tone
