@@ -1,5 +1,7 @@
 """Small builders shared by the tests: audio trees, tiny model setups, CLI runs."""
+import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +93,12 @@ def as_unprivileged():
         return None
     probe = subprocess.run(prefix + ["true"], capture_output=True)
     return prefix if probe.returncode == 0 else None
+
+
+def load_final(final_dir):
+    """(utterance pickle, speaker pickle, summary.json) of a final output dir."""
+    with open(final_dir / "utterance_embeddings.pkl", "rb") as f:
+        utts = pickle.load(f)
+    with open(final_dir / "speaker_embeddings.pkl", "rb") as f:
+        spks = pickle.load(f)
+    return utts, spks, json.loads((final_dir / "summary.json").read_text())

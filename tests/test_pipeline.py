@@ -1,12 +1,11 @@
 """End to end: tree -> extract (1 and 2 ranks) -> merge -> final files."""
 import json
-import pickle
 import sys
 
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, extract_cmd, merge_cmd, run_cli, tiny_model_args, tone, write_wav
+from tests.helpers import extract_cmd, load_final, merge_cmd, run_cli, tiny_model_args, tone, write_wav
 
 
 def make_tree(root):
@@ -19,15 +18,6 @@ def make_tree(root):
     write_wav(root / "dsB" / "spk3" / "y.wav", tone(0.6, seed=6, freq=310))
     (root / "dsB" / "readme.txt").write_text("not audio")
     return root
-
-
-def load_final(final_dir):
-    with open(final_dir / "utterance_embeddings.pkl", "rb") as f:
-        utts = pickle.load(f)
-    with open(final_dir / "speaker_embeddings.pkl", "rb") as f:
-        spks = pickle.load(f)
-    summary = json.loads((final_dir / "summary.json").read_text())
-    return utts, spks, summary
 
 
 @pytest.fixture(scope="module")

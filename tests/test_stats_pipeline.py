@@ -1,21 +1,16 @@
 """End to end: per-speaker statistics, outliers, closest pairs, the report, self-describing outputs."""
 import json
-import pickle
 import shutil
 import sys
 
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, extract_cmd, merge_cmd, run_cli, tiny_model_args, tone, write_wav
+from tests.helpers import ROOT, extract_cmd, load_final, merge_cmd, run_cli, tiny_model_args, tone, write_wav
 
 
 def load(final_dir):
-    with open(final_dir / "utterance_embeddings.pkl", "rb") as f:
-        utts = pickle.load(f)
-    with open(final_dir / "speaker_embeddings.pkl", "rb") as f:
-        spks = pickle.load(f)
-    summary = json.loads((final_dir / "summary.json").read_text())
+    utts, spks, summary = load_final(final_dir)
     spk_list = {r["key"]: r for r in json.loads((final_dir / "speaker_list.json").read_text())}
     return utts, spks, summary, spk_list
 
