@@ -12,6 +12,7 @@ import torch
 
 from speakerlab.config import ModelConfig
 from speakerlab.features import Fbank, FbankConfig
+from speakerlab.models.fusion import enable_fusion, keep_fp32
 
 log = logging.getLogger("speakerlab")
 
@@ -65,6 +66,7 @@ def keep_feature_convs_fp32(model: torch.nn.Module, dtype: torch.dtype) -> int:
     for module in model.modules():
         if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)) and module.in_channels == 1:
             module.forward = _Fp32Forward(module.forward, dtype)
+            keep_fp32(module)  # the fused path (models/fusion.py) honours it too
             count += 1
     return count
 
@@ -84,7 +86,7 @@ class Embedder:
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, device: torch.device,
                  dtype: str = "fp32", channels_last: Optional[bool] = None,
-                 max_chunk_frames: int = 30000):
+                 max_chunk_frames: int = 30000, fuse: bool = True):
         self.device = device
         self.dtype = dtype
         self.model = model.eval().to(device)
@@ -100,6 +102,8 @@ class Embedder:
             self.model.to(memory_format=torch.channels_last)
         if dtype != "fp32":
             keep_feature_convs_fp32(self.model, DTYPES[dtype])
+        if fuse:  # conv + BatchNorm + activation as one op (models/fusion.py); same arithmetic
+            enable_fusion(self.model)
 
     def _autocast(self):
         if self.dtype == "fp32":

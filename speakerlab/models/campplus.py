@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speakerlab.models.fusion import conv_bn
 from speakerlab.models.masking import (apply_mask, lengths_to_mask, masked_mean_std,
                                        strided_lengths)
 
@@ -58,6 +59,16 @@ def _norm_act(config_str: str, channels: int) -> nn.Sequential:
         else:
             raise ValueError(f'unknown entry {item!r} in config_str {config_str!r}')
     return stack
+
+
+def _conv_norm_act(conv: nn.Module, stack: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``stack(conv(x))``; through ``conv_bn`` (fusable) when the stack is BN or BN-ReLU."""
+    names = [name for name, _ in stack.named_children()]
+    if names == ['batchnorm']:
+        return conv_bn(conv, stack.batchnorm, x)
+    if names == ['batchnorm', 'relu']:
+        return conv_bn(conv, stack.batchnorm, x, 'relu')
+    return stack(conv(x))
 
 
 class _Padding(NamedTuple):
@@ -89,9 +100,11 @@ class _ResUnit2d(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         x = apply_mask(x, mask)                        # conv1 looks at neighbouring frames
-        h = F.relu(self.bn1(self.conv1(x)))
-        h = self.bn2(self.conv2(apply_mask(h, mask)))  # so does conv2
-        return F.relu(h + self.shortcut(x))            # shortcut is 1x1: pointwise in time
+        h = conv_bn(self.conv1, self.bn1, x, "relu")
+        # shortcut is 1x1: pointwise in time
+        shortcut = conv_bn(self.shortcut[0], self.shortcut[1], x) if len(self.shortcut) else x
+        # relu(bn2(conv2(h)) + shortcut); conv2 also looks at neighbouring frames
+        return conv_bn(self.conv2, self.bn2, apply_mask(h, mask), "relu", residual=shortcut)
 
 
 class _FreqConvHead(nn.Module):
@@ -116,12 +129,12 @@ class _FreqConvHead(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         h = apply_mask(x.unsqueeze(1), mask)  # caller's padding values are arbitrary
-        h = F.relu(self.bn1(self.conv1(h)))
+        h = conv_bn(self.conv1, self.bn1, h, "relu")
         for unit in self.layer1:
             h = unit(h, mask)
         for unit in self.layer2:
             h = unit(h, mask)
-        h = F.relu(self.bn2(self.conv2(apply_mask(h, mask))))
+        h = conv_bn(self.conv2, self.bn2, apply_mask(h, mask), "relu")
         b, c, f, t = h.shape
         return h.reshape(b, c * f, t)
 
@@ -148,7 +161,7 @@ class _TDNN(nn.Module):
         return strided_lengths(lengths, self.kernel, self.stride, self.padding, self.dilation)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.nonlinear(self.linear(apply_mask(x, mask)))
+        return _conv_norm_act(self.linear, self.nonlinear, apply_mask(x, mask))
 
 
 class _ContextGate(nn.Module):
@@ -174,18 +187,21 @@ class _ContextGate(nn.Module):
             return x.mean(-1, keepdim=True) + F.avg_pool1d(
                 x, SEGMENT_FRAMES, SEGMENT_FRAMES, ceil_mode=True)
         b, c, t = x.shape
-        n_seg = pad.seg_frames.shape[-1]
-        sums = F.pad(x, (0, n_seg * SEGMENT_FRAMES - t)).view(b, c, n_seg, SEGMENT_FRAMES)
-        seg_mean = sums.sum(-1, dtype=torch.float32) / pad.seg_frames
+        full = t // SEGMENT_FRAMES  # whole segments, summed through a view (no padded copy of x)
+        sums = x[..., :full * SEGMENT_FRAMES].unflatten(-1, (full, SEGMENT_FRAMES)).sum(-1, dtype=torch.float32)
+        if t > full * SEGMENT_FRAMES:
+            tail = x[..., full * SEGMENT_FRAMES:].sum(-1, keepdim=True, dtype=torch.float32)
+            sums = torch.cat([sums, tail], dim=-1)
+        seg_mean = sums / pad.seg_frames
         utt_mean = x.sum(-1, keepdim=True, dtype=torch.float32) / pad.frames
         return (utt_mean + seg_mean).to(x.dtype)
 
     def forward(self, x: torch.Tensor, pad: Optional[_Padding]) -> torch.Tensor:
         if pad is not None:
             x = apply_mask(x, pad.mask)  # before the kernel-3 conv and the time averages
-        local = self.linear_local(x)
+        local = conv_bn(self.linear_local, None, x)
         ctx = self._segment_context(x, pad)
-        gate = torch.sigmoid(self.linear2(F.relu(self.linear1(ctx))))  # (B, out, S)
+        gate = conv_bn(self.linear2, None, conv_bn(self.linear1, None, ctx, 'relu'), 'sigmoid')  # (B, out, S)
         b, c, n_seg = gate.shape
         t = local.shape[-1]
         if n_seg > 1:  # one gate per segment -> one per frame
@@ -206,7 +222,7 @@ class _DenseUnit(nn.Module):
         self.cam_layer = _ContextGate(bottleneck, growth, kernel, dilation)
 
     def forward(self, x: torch.Tensor, pad: Optional[_Padding]) -> torch.Tensor:
-        h = self.nonlinear2(self.linear1(self.nonlinear1(x)))
+        h = _conv_norm_act(self.linear1, self.nonlinear2, self.nonlinear1(x))
         return self.cam_layer(h, pad)
 
 
@@ -235,7 +251,7 @@ class _Transition(nn.Module):
         self.linear = nn.Conv1d(in_ch, out_ch, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.nonlinear(x))
+        return conv_bn(self.linear, None, self.nonlinear(x))
 
 
 class _Projection(nn.Module):
@@ -247,7 +263,7 @@ class _Projection(nn.Module):
         self.nonlinear = _norm_act('batchnorm_', out_ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.nonlinear(self.linear(x.unsqueeze(-1)).squeeze(-1))
+        return _conv_norm_act(self.linear, self.nonlinear, x.unsqueeze(-1)).squeeze(-1)
 
 
 class _Trunk(nn.Module):

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from speakerlab.models.eres2net_blocks import (AttentionalFeatureFusion, ERes2NetTrunk,
                                               Res2NetAFFBlock, Res2NetBlock)
+from speakerlab.models.fusion import conv_bn
 from speakerlab.models.masking import apply_mask
 
 
@@ -66,14 +67,14 @@ class ERes2Net(ERes2NetTrunk):
         out1 = self.run_stage(self.layer1, self.stem(x, m1), m1)
         out2 = self.run_stage(self.layer2, out1, m2)
         # The downsampling convs are 3x3 in time: zero the padding of their input first.
-        fused = self.fuse_mode12(out2, self.layer1_downsample(apply_mask(out1, m1)))
+        fused = self.fuse_mode12(out2, conv_bn(self.layer1_downsample, None, apply_mask(out1, m1)))
         del out1
         out3 = self.run_stage(self.layer3, out2, m3)
         del out2
-        fused = self.fuse_mode123(out3, self.layer2_downsample(apply_mask(fused, m2)))
+        fused = self.fuse_mode123(out3, conv_bn(self.layer2_downsample, None, apply_mask(fused, m2)))
         out4 = self.run_stage(self.layer4, out3, m4)
         del out3
-        fused = self.fuse_mode1234(out4, self.layer3_downsample(apply_mask(fused, m3)))
+        fused = self.fuse_mode1234(out4, conv_bn(self.layer3_downsample, None, apply_mask(fused, m3)))
         return self.embed(fused, m4)
 
 

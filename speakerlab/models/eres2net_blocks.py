@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from speakerlab.models.fusion import conv_bn
 from speakerlab.models.masking import apply_mask, lengths_to_mask, masked_mean_std, strided_lengths
 
 # Time strides of the four residual stages (the first block of a stage carries the stride).
@@ -60,7 +61,9 @@ class AttentionalFeatureFusion(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        gate = torch.tanh(self.local_att(torch.cat((x, y), dim=1)))
+        att = self.local_att
+        hidden = conv_bn(att[0], att[1], torch.cat((x, y), dim=1), "silu")
+        gate = conv_bn(att[3], att[4], hidden, "tanh")
         # (1 + g) x + (1 - g) y, written to need one product on the large tensors.
         return torch.addcmul(x + y, gate, x - y)
 
@@ -111,17 +114,21 @@ class Res2NetBlock(nn.Module):
         return prev + group
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        hidden = self.relu(self.bn1(self.conv1(x)))
+        # self.relu is hardtanh(0, 20): ``conv_bn``'s "hardtanh20" (see models/fusion.py).
+        hidden = conv_bn(self.conv1, self.bn1, x, "hardtanh20")
         branch_outputs = []
         carry = None
         for i, group in enumerate(torch.split(hidden, self.width, dim=1)):
             carry = group if i == 0 else self._combine(i, carry, group)
             carry = apply_mask(carry, mask)  # the 3x3 conv below mixes neighbouring frames
-            carry = self.relu(self.bns[i](self.convs[i](carry)))
+            carry = conv_bn(self.convs[i], self.bns[i], carry, "hardtanh20")
             branch_outputs.append(carry)
-        out = self.bn3(self.conv3(torch.cat(branch_outputs, dim=1)))
-        out += self.shortcut(x)
-        return self.relu(out)
+        if isinstance(self.shortcut, nn.Identity):
+            shortcut = x
+        else:
+            shortcut = conv_bn(self.shortcut[0], self.shortcut[1], x)
+        return conv_bn(self.conv3, self.bn3, torch.cat(branch_outputs, dim=1), "hardtanh20",
+                       residual=shortcut)
 
 
 class Res2NetAFFBlock(Res2NetBlock):
@@ -327,7 +334,7 @@ class ERes2NetTrunk(nn.Module):
         """(B, T, F) fbank -> (B, m, F, T) feature map."""
         x = feats.transpose(1, 2).unsqueeze(1)
         x = apply_mask(x, mask)  # whatever the caller padded with, the 3x3 conv must see zeros
-        return F.relu(self.bn1(self.conv1(x)), inplace=True)
+        return conv_bn(self.conv1, self.bn1, x, "relu")
 
     @staticmethod
     def run_stage(stage: nn.ModuleList, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from speakerlab.models.eres2net_blocks import (AttentionalFeatureFusion, ERes2NetTrunk,
                                               Res2NetAFFBlock, Res2NetBlock)
+from speakerlab.models.fusion import conv_bn
 from speakerlab.models.masking import apply_mask
 
 
@@ -53,5 +54,5 @@ class ERes2NetV2(ERes2NetTrunk):
         out3 = self.run_stage(self.layer3, out, m3)
         out4 = self.run_stage(self.layer4, out3, m4)
         # layer3_ds is 3x3 in time: zero stage 3's padded frames first.
-        fused = self.fuse34(out4, self.layer3_ds(apply_mask(out3, m3)))
+        fused = self.fuse34(out4, conv_bn(self.layer3_ds, None, apply_mask(out3, m3)))
         return self.embed(fused, m4)

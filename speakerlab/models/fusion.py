@@ -1,0 +1,147 @@
+"""Inference-time fusion of ``conv -> BatchNorm -> activation [+ residual]`` into one op.
+
+The models are written as the reference computes them -- a convolution, then an eval-mode
+BatchNorm, then an activation, each a separate pass over a large feature map. On CPU those passes,
+not the convolutions, took most of the time (CAM++'s 2-D head: BatchNorm + ReLU + residual add
+were 60% of the model under bf16). ``conv_bn`` is the one place the models call such a chain:
+
+* by default it runs the modules one by one, exactly like the reference;
+* after ``enable_fusion(model)`` it folds the BatchNorm into the convolution's weight and bias
+  (``w * s``, ``(b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``, computed in
+  float64) and runs conv + bias + activation (+ residual add) as a single oneDNN primitive on CPU
+  (``torch.ops.mkldnn._convolution_pointwise``), or as one conv with the folded bias followed by
+  the activation elsewhere (CUDA, or a torch build without oneDNN).
+
+The folded weights are cached on the conv module per (device, dtype); they are not parameters,
+so ``state_dict()`` is unchanged, and a later ``load_state_dict`` is noticed (the cache is keyed
+on the parameters' versions) and refolded. Fusion is for inference: no gradients flow through
+the folded weights, and modules in training mode always run unfused.
+"""
+import threading
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_FLAG = "_speakerlab_fuse"
+_CACHE = "_speakerlab_folded"
+_KEEP_FP32 = "_speakerlab_keep_fp32"
+_lock = threading.Lock()
+
+# name -> (eager function, oneDNN unary attr, its scalars)
+ACTIVATIONS: Dict[Optional[str], tuple] = {
+    None: (lambda x: x, "none", []),
+    "relu": (lambda x: F.relu(x, inplace=True), "relu", []),
+    "hardtanh20": (lambda x: F.hardtanh(x, 0.0, 20.0, inplace=True), "hardtanh", [0.0, 20.0]),
+    "silu": (lambda x: F.silu(x, inplace=True), "swish", []),
+    "tanh": (torch.tanh, "tanh", []),
+    "sigmoid": (torch.sigmoid, "sigmoid", []),
+}
+
+
+def enable_fusion(model: nn.Module, enabled: bool = True) -> int:
+    """Mark every conv of ``model`` so that ``conv_bn`` runs it fused; returns how many."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            setattr(module, _FLAG, enabled)
+            module.__dict__.pop(_CACHE, None)
+            count += 1
+    return count
+
+
+def keep_fp32(conv: nn.Module) -> None:
+    """Run this conv in fp32 even under autocast (its output is cast back), fused or not."""
+    setattr(conv, _KEEP_FP32, True)
+
+
+def mkldnn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+def conv_bn(conv: nn.Module, bn: Optional[nn.Module], x: torch.Tensor, act: Optional[str] = None,
+            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``act(bn(conv(x)) + residual)``; ``bn``, ``act`` and ``residual`` are optional."""
+    if not getattr(conv, _FLAG, False) or conv.training or (bn is not None and bn.training):
+        y = conv(x)
+        if bn is not None:
+            y = bn(y)
+        if residual is not None:
+            y = y + residual
+        return ACTIVATIONS[act][0](y)
+    return _fused(conv, bn, x, act, residual)
+
+
+def _compute_dtype(conv: nn.Module, x: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and not getattr(conv, _KEEP_FP32, False):
+        return torch.get_autocast_dtype(device_type)
+    return torch.float32 if getattr(conv, _KEEP_FP32, False) else x.dtype
+
+
+def _folded(conv: nn.Module, bn: Optional[nn.Module], device: torch.device, dtype: torch.dtype,
+            channels_last: bool):
+    params = [conv.weight] + ([conv.bias] if conv.bias is not None else [])
+    if bn is not None:
+        params += [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
+    version = tuple(int(p._version) for p in params) + (id(bn),)
+    key = (device, dtype, channels_last)
+    cache = conv.__dict__.get(_CACHE)
+    if cache is not None and cache[0] == version and key in cache[1]:
+        return cache[1][key]
+    with _lock, torch.no_grad():
+        cache = conv.__dict__.get(_CACHE)
+        if cache is None or cache[0] != version:
+            cache = (version, {})
+            conv.__dict__[_CACHE] = cache
+        if key not in cache[1]:
+            weight = conv.weight.detach().double()
+            bias = (conv.bias.detach().double() if conv.bias is not None
+                    else torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device))
+            if bn is not None:
+                scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+                if bn.weight is not None:
+                    scale = scale * bn.weight.double()
+                shift = -bn.running_mean.double() * scale
+                if bn.bias is not None:
+                    shift = shift + bn.bias.double()
+                weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
+                bias = bias * scale + shift
+            weight = weight.to(device=device, dtype=dtype)
+            if channels_last and weight.dim() == 4:
+                weight = weight.contiguous(memory_format=torch.channels_last)
+            cache[1][key] = (weight, bias.to(device=device, dtype=dtype))
+        return cache[1][key]
+
+
+def _fused(conv, bn, x, act, residual):
+    dtype = _compute_dtype(conv, x)
+    out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else dtype
+    eager_act, attr, scalars = ACTIVATIONS[act]
+    use_mkldnn = (x.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+                  and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+                  and mkldnn_available())
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    weight, bias = _folded(conv, bn, x.device, dtype, channels_last and use_mkldnn)
+    x = x.to(dtype)
+    if use_mkldnn:
+        args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        if residual is None:
+            y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, attr, scalars, "")
+        else:
+            # oneDNN takes a unary op after the add only for ReLU; others run after it
+            post = attr if attr in ("none", "relu") else None
+            y = torch.ops.mkldnn._convolution_pointwise.binary(
+                x, residual.to(dtype), weight, bias, *args, "add", None, post,
+                scalars if post else [], "" if post else None)
+            if post is None:
+                y = eager_act(y)
+        return y.to(out_dtype)
+    conv_fn: Callable = F.conv2d if x.dim() == 4 else F.conv1d
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        y = conv_fn(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        if residual is not None:
+            y = y + residual.to(dtype)
+        y = eager_act(y)
+    return y.to(out_dtype)
