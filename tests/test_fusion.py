@@ -118,3 +118,21 @@ def test_embedder_fuses_and_keeps_the_feature_conv_fp32(fixtures_dir):
     assert got.dtype == torch.bfloat16
     # fp32 math rounded once at the end: within half a bf16 step of the fp32 result
     torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-5)
+
+
+def test_pre_activation_fold_and_its_fallback_for_negative_scales(fixtures_dir):
+    """CAM++'s BN-ReLU before a 1x1 conv becomes one clamp (scale > 0); a layer with a negative
+    channel scale (4 of 56 in the released model) runs unfolded, with the same result."""
+    config, model = perturbed_model(fixtures_dir, "campplus_tiny")
+    x, lengths = mixed_batch(config)
+    eager = run(model, x, lengths, fused=False)
+    unit = model.xvector.block1.tdnnd1
+    assert fusion._positive_scale(unit.nonlinear1.batchnorm)
+    with torch.no_grad():
+        unit.nonlinear1.batchnorm.weight[3] = -0.8
+        model.xvector.transit2.nonlinear.batchnorm.weight[0] = -1.1
+    assert not fusion._positive_scale(unit.nonlinear1.batchnorm)
+    eager_negative = run(model, x, lengths, fused=False)
+    fused_negative = run(model, x, lengths, fused=True)
+    assert float((fused_negative - eager_negative).abs().max()) <= 2e-5 * float(eager_negative.abs().max())
+    assert float((eager_negative - eager).abs().max()) > 1e-4  # the change did reach the output

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speakerlab.models.fusion import conv_bn
+from speakerlab.models.fusion import bn_relu_conv, conv_bn, is_fused
 from speakerlab.models.masking import (apply_mask, lengths_to_mask, masked_mean_std,
                                        strided_lengths)
 
@@ -69,6 +69,10 @@ def _conv_norm_act(conv: nn.Module, stack: nn.Sequential, x: torch.Tensor) -> to
     if names == ['batchnorm', 'relu']:
         return conv_bn(conv, stack.batchnorm, x, 'relu')
     return stack(conv(x))
+
+
+def _is_bn_relu(stack: nn.Sequential) -> bool:
+    return [name for name, _ in stack.named_children()] == ['batchnorm', 'relu']
 
 
 class _Padding(NamedTuple):
@@ -222,7 +226,10 @@ class _DenseUnit(nn.Module):
         self.cam_layer = _ContextGate(bottleneck, growth, kernel, dilation)
 
     def forward(self, x: torch.Tensor, pad: Optional[_Padding]) -> torch.Tensor:
-        h = _conv_norm_act(self.linear1, self.nonlinear2, self.nonlinear1(x))
+        if _is_bn_relu(self.nonlinear1) and _is_bn_relu(self.nonlinear2):
+            h = bn_relu_conv(self.nonlinear1.batchnorm, self.linear1, x, self.nonlinear2.batchnorm, 'relu')
+        else:
+            h = _conv_norm_act(self.linear1, self.nonlinear2, self.nonlinear1(x))
         return self.cam_layer(h, pad)
 
 
@@ -237,9 +244,22 @@ class _DenseStack(nn.Module):
                                                          kernel, dilation, config_str))
 
     def forward(self, x: torch.Tensor, pad: Optional[_Padding]) -> torch.Tensor:
-        for unit in self.children():
-            x = torch.cat([x, unit(x, pad)], dim=1)
-        return x
+        units = list(self.children())
+        if not is_fused(units[0].linear1):
+            for unit in units:
+                x = torch.cat([x, unit(x, pad)], dim=1)
+            return x
+        # Fused inference: every unit writes its output into one preallocated block instead of
+        # concatenating (which copies all earlier outputs again at every unit); a unit reads the
+        # channels before its own through a view.
+        b, c, t = x.shape
+        growth = units[0].cam_layer.linear_local.out_channels
+        block = x.new_empty(b, c + growth * len(units), t)
+        block[:, :c] = x
+        for unit in units:
+            block[:, c:c + growth] = unit(block[:, :c], pad)
+            c += growth
+        return block
 
 
 class _Transition(nn.Module):
@@ -251,6 +271,8 @@ class _Transition(nn.Module):
         self.linear = nn.Conv1d(in_ch, out_ch, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _is_bn_relu(self.nonlinear):
+            return bn_relu_conv(self.nonlinear.batchnorm, self.linear, x)
         return conv_bn(self.linear, None, self.nonlinear(x))
 
 

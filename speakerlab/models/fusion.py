@@ -63,7 +63,7 @@ def mkldnn_available() -> bool:
 def conv_bn(conv: nn.Module, bn: Optional[nn.Module], x: torch.Tensor, act: Optional[str] = None,
             residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``act(bn(conv(x)) + residual)``; ``bn``, ``act`` and ``residual`` are optional."""
-    if not getattr(conv, _FLAG, False) or conv.training or (bn is not None and bn.training):
+    if not is_fused(conv) or (bn is not None and bn.training):
         y = conv(x)
         if bn is not None:
             y = bn(y)
@@ -80,12 +80,25 @@ def _compute_dtype(conv: nn.Module, x: torch.Tensor) -> torch.dtype:
     return torch.float32 if getattr(conv, _KEEP_FP32, False) else x.dtype
 
 
+def _bn_affine(bn: nn.Module):
+    """Eval BatchNorm as y = a * x + b, per channel, in float64."""
+    a = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        a = a * bn.weight.double()
+    b = -bn.running_mean.double() * a
+    if bn.bias is not None:
+        b = b + bn.bias.double()
+    return a, b
+
+
 def _folded(conv: nn.Module, bn: Optional[nn.Module], device: torch.device, dtype: torch.dtype,
-            channels_last: bool):
+            channels_last: bool, pre_bn: Optional[nn.Module] = None):
+    """(weight, bias[, clamp floor]) of ``bn(conv(relu(pre_bn(x))))`` folded into one conv, cached."""
     params = [conv.weight] + ([conv.bias] if conv.bias is not None else [])
-    if bn is not None:
-        params += [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
-    version = tuple(int(p._version) for p in params) + (id(bn),)
+    for norm in (bn, pre_bn):
+        if norm is not None:
+            params += [t for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var) if t is not None]
+    version = tuple(int(p._version) for p in params) + (id(bn), id(pre_bn))
     key = (device, dtype, channels_last)
     cache = conv.__dict__.get(_CACHE)
     if cache is not None and cache[0] == version and key in cache[1]:
@@ -99,23 +112,25 @@ def _folded(conv: nn.Module, bn: Optional[nn.Module], device: torch.device, dtyp
             weight = conv.weight.detach().double()
             bias = (conv.bias.detach().double() if conv.bias is not None
                     else torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device))
+            floor = None
+            if pre_bn is not None:  # relu(a x + b) = a * max(x, -b / a) + b where a > 0 (1x1 conv only)
+                a, b = _bn_affine(pre_bn)
+                floor = (-b / a).to(device=device, dtype=dtype).view(-1, *([1] * (weight.dim() - 2)))
+                per_input = [1, -1] + [1] * (weight.dim() - 2)
+                bias = bias + (weight * b.view(per_input)).flatten(1).sum(1)
+                weight = weight * a.view(per_input)
             if bn is not None:
-                scale = torch.rsqrt(bn.running_var.double() + bn.eps)
-                if bn.weight is not None:
-                    scale = scale * bn.weight.double()
-                shift = -bn.running_mean.double() * scale
-                if bn.bias is not None:
-                    shift = shift + bn.bias.double()
+                scale, shift = _bn_affine(bn)
                 weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
                 bias = bias * scale + shift
             weight = weight.to(device=device, dtype=dtype)
             if channels_last and weight.dim() == 4:
                 weight = weight.contiguous(memory_format=torch.channels_last)
-            cache[1][key] = (weight, bias.to(device=device, dtype=dtype))
+            cache[1][key] = (weight, bias.to(device=device, dtype=dtype), floor)
         return cache[1][key]
 
 
-def _fused(conv, bn, x, act, residual):
+def _fused(conv, bn, x, act, residual, pre_bn=None):
     dtype = _compute_dtype(conv, x)
     out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else dtype
     eager_act, attr, scalars = ACTIVATIONS[act]
@@ -123,8 +138,10 @@ def _fused(conv, bn, x, act, residual):
                   and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
                   and mkldnn_available())
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    weight, bias = _folded(conv, bn, x.device, dtype, channels_last and use_mkldnn)
+    weight, bias, floor = _folded(conv, bn, x.device, dtype, channels_last and use_mkldnn, pre_bn)
     x = x.to(dtype)
+    if floor is not None:
+        x = torch.clamp_min(x, floor)  # one pass instead of BatchNorm + ReLU
     if use_mkldnn:
         args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
         if residual is None:
@@ -145,3 +162,31 @@ def _fused(conv, bn, x, act, residual):
             y = y + residual.to(dtype)
         y = eager_act(y)
     return y.to(out_dtype)
+
+
+def is_fused(conv: nn.Module) -> bool:
+    return bool(getattr(conv, _FLAG, False)) and not conv.training
+
+
+def bn_relu_conv(pre_bn: nn.Module, conv: nn.Module, x: torch.Tensor, bn: Optional[nn.Module] = None,
+                 act: Optional[str] = None) -> torch.Tensor:
+    """``act(bn(conv(relu(pre_bn(x)))))`` for a 1x1 ``conv`` (a pre-activation unit).
+
+    Fused, the BatchNorm + ReLU before the conv become one ``clamp_min`` pass: for a channel with
+    scale a > 0, ``relu(a x + b) = a * max(x, -b / a) + b``, and ``a`` and ``b`` fold into the conv.
+    Layers with a channel scale <= 0 (rare in trained models) run the BatchNorm and ReLU as they are.
+    """
+    if (not is_fused(conv) or pre_bn.training or (bn is not None and bn.training)
+            or any(k != 1 for k in conv.kernel_size) or not _positive_scale(pre_bn)):
+        return conv_bn(conv, bn, F.relu(pre_bn(x)), act)
+    return _fused(conv, bn, x, act, None, pre_bn=pre_bn)
+
+
+def _positive_scale(bn: nn.Module) -> bool:
+    cached = bn.__dict__.get("_speakerlab_positive")
+    version = (int(bn.weight._version), int(bn.running_var._version)) if bn.weight is not None else None
+    if cached is None or cached[0] != version:
+        positive = bn.weight is None or bool((bn.weight.detach() > 0).all())
+        cached = (version, positive)
+        bn.__dict__["_speakerlab_positive"] = cached
+    return cached[1]
