@@ -92,14 +92,14 @@ def _bn_affine(bn: nn.Module):
 
 
 def _folded(conv: nn.Module, bn: Optional[nn.Module], device: torch.device, dtype: torch.dtype,
-            channels_last: bool, pre_bn: Optional[nn.Module] = None):
+            channels_last: bool, pre_bn: Optional[nn.Module] = None, as_2d: bool = False):
     """(weight, bias[, clamp floor]) of ``bn(conv(relu(pre_bn(x))))`` folded into one conv, cached."""
     params = [conv.weight] + ([conv.bias] if conv.bias is not None else [])
     for norm in (bn, pre_bn):
         if norm is not None:
             params += [t for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var) if t is not None]
     version = tuple(int(p._version) for p in params) + (id(bn), id(pre_bn))
-    key = (device, dtype, channels_last)
+    key = (device, dtype, channels_last, as_2d)
     cache = conv.__dict__.get(_CACHE)
     if cache is not None and cache[0] == version and key in cache[1]:
         return cache[1][key]
@@ -115,7 +115,7 @@ def _folded(conv: nn.Module, bn: Optional[nn.Module], device: torch.device, dtyp
             floor = None
             if pre_bn is not None:  # relu(a x + b) = a * max(x, -b / a) + b where a > 0 (1x1 conv only)
                 a, b = _bn_affine(pre_bn)
-                floor = (-b / a).to(device=device, dtype=dtype).view(-1, *([1] * (weight.dim() - 2)))
+                floor = (-b / a).to(device=device, dtype=dtype)
                 per_input = [1, -1] + [1] * (weight.dim() - 2)
                 bias = bias + (weight * b.view(per_input)).flatten(1).sum(1)
                 weight = weight * a.view(per_input)
@@ -124,6 +124,8 @@ def _folded(conv: nn.Module, bn: Optional[nn.Module], device: torch.device, dtyp
                 weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
                 bias = bias * scale + shift
             weight = weight.to(device=device, dtype=dtype)
+            if as_2d:  # a Conv1d run on (B, C, 1, T): kernel (1, k)
+                weight = weight.unsqueeze(2)
             if channels_last and weight.dim() == 4:
                 weight = weight.contiguous(memory_format=torch.channels_last)
             cache[1][key] = (weight, bias.to(device=device, dtype=dtype), floor)
@@ -137,13 +139,17 @@ def _fused(conv, bn, x, act, residual, pre_bn=None):
     use_mkldnn = (x.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
                   and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
                   and mkldnn_available())
+    as_2d = isinstance(conv, nn.Conv1d) and x.dim() == 4
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    weight, bias, floor = _folded(conv, bn, x.device, dtype, channels_last and use_mkldnn, pre_bn)
+    weight, bias, floor = _folded(conv, bn, x.device, dtype, channels_last and use_mkldnn, pre_bn, as_2d)
     x = x.to(dtype)
-    if floor is not None:
-        x = torch.clamp_min(x, floor)  # one pass instead of BatchNorm + ReLU
+    if floor is not None:  # one pass instead of BatchNorm + ReLU
+        x = torch.clamp_min(x, floor.view(-1, *([1] * (x.dim() - 2))))
+    padding, stride, dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
+    if as_2d:
+        padding, stride, dilation = [0] + padding, [1] + stride, [1] + dilation
     if use_mkldnn:
-        args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        args = (padding, stride, dilation, conv.groups)
         if residual is None:
             y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, attr, scalars, "")
         else:
@@ -157,11 +163,18 @@ def _fused(conv, bn, x, act, residual, pre_bn=None):
         return y.to(out_dtype)
     conv_fn: Callable = F.conv2d if x.dim() == 4 else F.conv1d
     with torch.autocast(device_type=x.device.type, enabled=False):
-        y = conv_fn(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        y = conv_fn(x, weight, bias, stride, padding, dilation, conv.groups)
         if residual is not None:
             y = y + residual.to(dtype)
         y = eager_act(y)
     return y.to(out_dtype)
+
+
+def batch_norm(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``bn(x)``, also for a BatchNorm1d applied to a (B, C, 1, T) map (eval mode)."""
+    if bn.training or x.dim() <= 3:
+        return bn(x)
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
 
 def is_fused(conv: nn.Module) -> bool:
@@ -178,7 +191,7 @@ def bn_relu_conv(pre_bn: nn.Module, conv: nn.Module, x: torch.Tensor, bn: Option
     """
     if (not is_fused(conv) or pre_bn.training or (bn is not None and bn.training)
             or any(k != 1 for k in conv.kernel_size) or not _positive_scale(pre_bn)):
-        return conv_bn(conv, bn, F.relu(pre_bn(x)), act)
+        return conv_bn(conv, bn, F.relu(batch_norm(pre_bn, x)), act)
     return _fused(conv, bn, x, act, None, pre_bn=pre_bn)
 
 
