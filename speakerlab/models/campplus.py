@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speakerlab.models.fusion import batch_norm, bn_relu_conv, conv_bn, is_fused
-from speakerlab.models.masking import (apply_mask, lengths_to_mask, masked_mean_std,
+from speakerlab.models.fusion import batch_norm, conv_bn, is_fused
+from speakerlab.models.masking import (apply_mask, apply_mask_, lengths_to_mask, masked_mean_std,
                                        strided_lengths)
 
 # Width of the CAM layers' segment pooling (frames after the stride-2 TDNN).
@@ -103,12 +103,12 @@ class _ResUnit2d(nn.Module):
             self.shortcut = nn.Sequential()  # identity (empty container, as in the checkpoints)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        x = apply_mask(x, mask)                        # conv1 looks at neighbouring frames
+        x = apply_mask_(x, mask)                       # conv1 looks at neighbouring frames
         h = conv_bn(self.conv1, self.bn1, x, "relu")
         # shortcut is 1x1: pointwise in time
         shortcut = conv_bn(self.shortcut[0], self.shortcut[1], x) if len(self.shortcut) else x
         # relu(bn2(conv2(h)) + shortcut); conv2 also looks at neighbouring frames
-        return conv_bn(self.conv2, self.bn2, apply_mask(h, mask), "relu", residual=shortcut)
+        return conv_bn(self.conv2, self.bn2, apply_mask_(h, mask), "relu", residual=shortcut)
 
 
 class _FreqConvHead(nn.Module):
@@ -138,7 +138,7 @@ class _FreqConvHead(nn.Module):
             h = unit(h, mask)
         for unit in self.layer2:
             h = unit(h, mask)
-        return conv_bn(self.conv2, self.bn2, apply_mask(h, mask), "relu")  # (B, C, F', T)
+        return conv_bn(self.conv2, self.bn2, apply_mask_(h, mask), "relu")  # (B, C, F', T)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,7 +163,7 @@ class _TDNN(nn.Module):
         return strided_lengths(lengths, self.kernel, self.stride, self.padding, self.dilation)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        return _conv_norm_act(self.linear, self.nonlinear, apply_mask(x, mask))
+        return _conv_norm_act(self.linear, self.nonlinear, apply_mask_(x, mask))
 
 
 class _ContextGate(nn.Module):
@@ -204,13 +204,17 @@ class _ContextGate(nn.Module):
 
     def forward(self, x: torch.Tensor, pad: Optional[_Padding]) -> torch.Tensor:
         if pad is not None:
-            x = apply_mask(x, pad.mask)  # before the kernel-3 conv and the time averages
+            x = apply_mask_(x, pad.mask)  # before the kernel-3 conv and the time averages
         local = conv_bn(self.linear_local, None, x)
         ctx = self._segment_context(x, pad)
         gate = conv_bn(self.linear2, None, conv_bn(self.linear1, None, ctx, 'relu'), 'sigmoid')  # (B, out, [1,] S)
         if gate.shape[-1] > 1:  # one gate per segment -> one per frame
-            gate = gate.unsqueeze(-1).expand(*gate.shape, SEGMENT_FRAMES).flatten(-2)[..., :local.shape[-1]]
-        return local * gate
+            if local.dim() == 4:  # expand in local's channels-last order, so the product streams
+                gate = gate.permute(0, 2, 3, 1).unsqueeze(3).expand(-1, -1, -1, SEGMENT_FRAMES, -1)
+                gate = gate.flatten(2, 3)[:, :, :local.shape[-1]].permute(0, 3, 1, 2)
+            else:
+                gate = gate.unsqueeze(-1).expand(*gate.shape, SEGMENT_FRAMES).flatten(-2)[..., :local.shape[-1]]
+        return local.mul_(gate)  # local is this layer's own fresh output
 
 
 class _DenseUnit(nn.Module):
@@ -225,11 +229,11 @@ class _DenseUnit(nn.Module):
         self.cam_layer = _ContextGate(bottleneck, growth, kernel, dilation)
 
     def forward(self, x: torch.Tensor, pad: Optional[_Padding]) -> torch.Tensor:
-        if _is_bn_relu(self.nonlinear1) and _is_bn_relu(self.nonlinear2):
-            h = bn_relu_conv(self.nonlinear1.batchnorm, self.linear1, x, self.nonlinear2.batchnorm, 'relu')
+        if _is_bn_relu(self.nonlinear1):  # also on (B, C, 1, T) maps (see _Trunk.runs_2d)
+            h = F.relu(batch_norm(self.nonlinear1.batchnorm, x), inplace=True)
         else:
-            h = _conv_norm_act(self.linear1, self.nonlinear2, self.nonlinear1(x))
-        return self.cam_layer(h, pad)
+            h = self.nonlinear1(x)
+        return self.cam_layer(_conv_norm_act(self.linear1, self.nonlinear2, h), pad)
 
 
 class _DenseStack(nn.Module):
@@ -243,24 +247,9 @@ class _DenseStack(nn.Module):
                                                          kernel, dilation, config_str))
 
     def forward(self, x: torch.Tensor, pad: Optional[_Padding]) -> torch.Tensor:
-        units = list(self.children())
-        if not is_fused(units[0].linear1):
-            for unit in units:
-                x = torch.cat([x, unit(x, pad)], dim=1)
-            return x
-        # Fused inference: every unit writes its output into one preallocated block instead of
-        # concatenating (which copies all earlier outputs again at every unit); a unit reads the
-        # channels before its own through a view.
-        c = x.shape[1]
-        growth = units[0].cam_layer.linear_local.out_channels
-        shape = (x.shape[0], c + growth * len(units)) + tuple(x.shape[2:])
-        layout = torch.channels_last if x.dim() == 4 else torch.contiguous_format
-        block = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
-        block[:, :c] = x
-        for unit in units:
-            block[:, c:c + growth] = unit(block[:, :c], pad)
-            c += growth
-        return block
+        for unit in self.children():
+            x = torch.cat([x, unit(x, pad)], dim=1)
+        return x
 
 
 class _Transition(nn.Module):
@@ -272,8 +261,8 @@ class _Transition(nn.Module):
         self.linear = nn.Conv1d(in_ch, out_ch, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _is_bn_relu(self.nonlinear):
-            return bn_relu_conv(self.nonlinear.batchnorm, self.linear, x)
+        if _is_bn_relu(self.nonlinear):  # also on (B, C, 1, T) maps
+            return conv_bn(self.linear, None, F.relu(batch_norm(self.nonlinear.batchnorm, x), inplace=True))
         return conv_bn(self.linear, None, self.nonlinear(x))
 
 

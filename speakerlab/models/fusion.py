@@ -56,6 +56,13 @@ def keep_fp32(conv: nn.Module) -> None:
     setattr(conv, _KEEP_FP32, True)
 
 
+def _mkldnn_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def mkldnn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
@@ -64,6 +71,9 @@ def conv_bn(conv: nn.Module, bn: Optional[nn.Module], x: torch.Tensor, act: Opti
             residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``act(bn(conv(x)) + residual)``; ``bn``, ``act`` and ``residual`` are optional."""
     if not is_fused(conv) or (bn is not None and bn.training):
+        if x.dim() == 4 and isinstance(conv, nn.Conv1d):  # a 1-D map held as (B, C, 1, T)
+            residual = None if residual is None else residual.squeeze(2)
+            return conv_bn(conv, bn, x.squeeze(2), act, residual).unsqueeze(2)
         y = conv(x)
         if bn is not None:
             y = bn(y)
@@ -80,6 +90,13 @@ def _compute_dtype(conv: nn.Module, x: torch.Tensor) -> torch.dtype:
     return torch.float32 if getattr(conv, _KEEP_FP32, False) else x.dtype
 
 
+def _version(tensor: torch.Tensor) -> int:
+    try:
+        return int(tensor._version)
+    except RuntimeError:  # an inference tensor (made under inference_mode) has no version counter
+        return tensor.data_ptr()
+
+
 def _bn_affine(bn: nn.Module):
     """Eval BatchNorm as y = a * x + b, per channel, in float64."""
     a = torch.rsqrt(bn.running_var.double() + bn.eps)
@@ -92,14 +109,13 @@ def _bn_affine(bn: nn.Module):
 
 
 def _folded(conv: nn.Module, bn: Optional[nn.Module], device: torch.device, dtype: torch.dtype,
-            channels_last: bool, pre_bn: Optional[nn.Module] = None, as_2d: bool = False):
-    """(weight, bias[, clamp floor]) of ``bn(conv(relu(pre_bn(x))))`` folded into one conv, cached."""
+            channels_last: bool, as_2d: bool = False, bias_dtype: Optional[torch.dtype] = None):
+    """(weight, bias) of ``bn(conv(x))`` folded into one conv, cached on the conv."""
     params = [conv.weight] + ([conv.bias] if conv.bias is not None else [])
-    for norm in (bn, pre_bn):
-        if norm is not None:
-            params += [t for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var) if t is not None]
-    version = tuple(int(p._version) for p in params) + (id(bn), id(pre_bn))
-    key = (device, dtype, channels_last, as_2d)
+    if bn is not None:
+        params += [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
+    version = tuple(_version(p) for p in params) + (id(bn),)
+    key = (device, dtype, channels_last, as_2d, bias_dtype)
     cache = conv.__dict__.get(_CACHE)
     if cache is not None and cache[0] == version and key in cache[1]:
         return cache[1][key]
@@ -112,13 +128,6 @@ def _folded(conv: nn.Module, bn: Optional[nn.Module], device: torch.device, dtyp
             weight = conv.weight.detach().double()
             bias = (conv.bias.detach().double() if conv.bias is not None
                     else torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device))
-            floor = None
-            if pre_bn is not None:  # relu(a x + b) = a * max(x, -b / a) + b where a > 0 (1x1 conv only)
-                a, b = _bn_affine(pre_bn)
-                floor = (-b / a).to(device=device, dtype=dtype)
-                per_input = [1, -1] + [1] * (weight.dim() - 2)
-                bias = bias + (weight * b.view(per_input)).flatten(1).sum(1)
-                weight = weight * a.view(per_input)
             if bn is not None:
                 scale, shift = _bn_affine(bn)
                 weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
@@ -128,23 +137,25 @@ def _folded(conv: nn.Module, bn: Optional[nn.Module], device: torch.device, dtyp
                 weight = weight.unsqueeze(2)
             if channels_last and weight.dim() == 4:
                 weight = weight.contiguous(memory_format=torch.channels_last)
-            cache[1][key] = (weight, bias.to(device=device, dtype=dtype), floor)
+            cache[1][key] = (weight, bias.to(device=device, dtype=bias_dtype or dtype))
         return cache[1][key]
 
 
-def _fused(conv, bn, x, act, residual, pre_bn=None):
+def _fused(conv, bn, x, act, residual):
     dtype = _compute_dtype(conv, x)
     out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else dtype
     eager_act, attr, scalars = ACTIVATIONS[act]
     use_mkldnn = (x.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
                   and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-                  and mkldnn_available())
+                  and mkldnn_available() and (dtype == torch.float32 or _mkldnn_bf16()))
     as_2d = isinstance(conv, nn.Conv1d) and x.dim() == 4
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    weight, bias, floor = _folded(conv, bn, x.device, dtype, channels_last and use_mkldnn, pre_bn, as_2d)
+    # oneDNN adds an fp32 bias to its fp32 accumulator: a folded BatchNorm shift keeps its precision
+    # (rounded to bf16 it can cancel against the conv output). Its binary (residual) op wants the
+    # input's dtype.
+    bias_dtype = torch.float32 if use_mkldnn else None
+    weight, bias = _folded(conv, bn, x.device, dtype, channels_last and use_mkldnn, as_2d, bias_dtype)
     x = x.to(dtype)
-    if floor is not None:  # one pass instead of BatchNorm + ReLU
-        x = torch.clamp_min(x, floor.view(-1, *([1] * (x.dim() - 2))))
     padding, stride, dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
     if as_2d:
         padding, stride, dilation = [0] + padding, [1] + stride, [1] + dilation
@@ -152,14 +163,16 @@ def _fused(conv, bn, x, act, residual, pre_bn=None):
         args = (padding, stride, dilation, conv.groups)
         if residual is None:
             y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, attr, scalars, "")
-        else:
+        elif channels_last:
             # oneDNN takes a unary op after the add only for ReLU; others run after it
-            post = attr if attr in ("none", "relu") else None
+            post = "relu" if attr == "relu" else None
             y = torch.ops.mkldnn._convolution_pointwise.binary(
-                x, residual.to(dtype), weight, bias, *args, "add", None, post,
-                scalars if post else [], "" if post else None)
+                x, residual.to(dtype), weight, bias.to(dtype), *args, "add", None, post, [], "" if post else None)
             if post is None:
                 y = eager_act(y)
+        else:  # (its add+relu fallback for other layouts has no bf16 kernel)
+            y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, "none", [], "")
+            y = eager_act(y.add_(residual.to(dtype)))
         return y.to(out_dtype)
     conv_fn: Callable = F.conv2d if x.dim() == 4 else F.conv1d
     with torch.autocast(device_type=x.device.type, enabled=False):
@@ -179,27 +192,3 @@ def batch_norm(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def is_fused(conv: nn.Module) -> bool:
     return bool(getattr(conv, _FLAG, False)) and not conv.training
-
-
-def bn_relu_conv(pre_bn: nn.Module, conv: nn.Module, x: torch.Tensor, bn: Optional[nn.Module] = None,
-                 act: Optional[str] = None) -> torch.Tensor:
-    """``act(bn(conv(relu(pre_bn(x)))))`` for a 1x1 ``conv`` (a pre-activation unit).
-
-    Fused, the BatchNorm + ReLU before the conv become one ``clamp_min`` pass: for a channel with
-    scale a > 0, ``relu(a x + b) = a * max(x, -b / a) + b``, and ``a`` and ``b`` fold into the conv.
-    Layers with a channel scale <= 0 (rare in trained models) run the BatchNorm and ReLU as they are.
-    """
-    if (not is_fused(conv) or pre_bn.training or (bn is not None and bn.training)
-            or any(k != 1 for k in conv.kernel_size) or not _positive_scale(pre_bn)):
-        return conv_bn(conv, bn, F.relu(batch_norm(pre_bn, x)), act)
-    return _fused(conv, bn, x, act, None, pre_bn=pre_bn)
-
-
-def _positive_scale(bn: nn.Module) -> bool:
-    cached = bn.__dict__.get("_speakerlab_positive")
-    version = (int(bn.weight._version), int(bn.running_var._version)) if bn.weight is not None else None
-    if cached is None or cached[0] != version:
-        positive = bn.weight is None or bool((bn.weight.detach() > 0).all())
-        cached = (version, positive)
-        bn.__dict__["_speakerlab_positive"] = cached
-    return cached[1]

@@ -37,6 +37,22 @@ def apply_mask(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     return x * mask.view(shape).to(x.dtype)
 
 
+def apply_mask_(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``apply_mask`` in place, for a tensor nothing else reads. On CPU only the padded tail of each
+    row is written (padding is a small part of a length-sorted batch), instead of multiplying the
+    whole map by the mask: for CAM++'s 2-D head that was 4% of the model's time."""
+    if mask is None:
+        return x
+    if x.device.type != "cpu":
+        shape = [mask.shape[0]] + [1] * (x.dim() - 2) + [mask.shape[1]]
+        return x.mul_(mask.view(shape).to(x.dtype))
+    total = mask.shape[1]
+    for row, length in enumerate(mask.sum(dim=1).tolist()):
+        if length < total:
+            x[row, ..., length:] = 0
+    return x
+
+
 def masked_mean_std(x: torch.Tensor, mask: Optional[torch.Tensor], unbiased: bool = True
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance over the last (time) axis, valid frames only.
