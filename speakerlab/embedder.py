@@ -102,7 +102,9 @@ class Embedder:
             self.model.to(memory_format=torch.channels_last)
         if dtype != "fp32":
             keep_feature_convs_fp32(self.model, DTYPES[dtype])
-        if fuse:  # conv + BatchNorm + activation as one op (models/fusion.py); same arithmetic
+        # conv + BatchNorm + activation as one op (models/fusion.py): the same function, rounded
+        # differently -- fp32 within 2e-5 relative of unfused; bf16 as close to fp32 as unfused bf16
+        if fuse:
             enable_fusion(self.model)
 
     def _autocast(self):

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU only: batches run concurrently, each single-threaded; -1 = auto (one per core, <= 16)")
     p.add_argument("--dtype", choices=["auto"] + list(DTYPES), default="auto",
                    help="model precision; auto = bf16 on GPUs and on CPUs with native bf16, else fp32")
+    p.add_argument("--no_fusion", action="store_true",
+                   help="run conv, BatchNorm and activation as separate ops, as the reference does "
+                        "(slower; fused is the same function, see speakerlab/models/fusion.py)")
     p.add_argument("--channels", choices=["first", "mean"], default="first",
                    help="multi-channel audio: first channel (3D-Speaker) or the mean of all")
     p.add_argument("--max_chunk_s", type=float, default=300.0,
@@ -403,7 +406,7 @@ def run(args) -> int:
     except ModelLoadError as exc:
         raise UsageError(str(exc)) from None
     embedder = Embedder(model, config, device, dtype=dtype,
-                        max_chunk_frames=int(args.max_chunk_s * 100))
+                        max_chunk_frames=int(args.max_chunk_s * 100), fuse=not args.no_fusion)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     dist_ready = False
@@ -447,7 +450,8 @@ def run(args) -> int:
     metadata = {"rank": rank, "world_size": world, "complete": False, "fingerprint": fingerprint,
                 "model": model_identity, "started": started.isoformat(), "command": sys.argv,
                 "device": str(device), "dtype": dtype, "versions": versions(),
-                "batch_policy": {"batch_frames": None, "batch_size": args.batch_size}}
+                "batch_policy": {"batch_frames": None, "batch_size": args.batch_size,
+                                 "fused": not args.no_fusion}}
     atomic_write_json(store.metadata_path, metadata)
     store.load_parts()
     done = store.done_keys()

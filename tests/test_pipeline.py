@@ -138,3 +138,17 @@ def test_reference_embeddings_with_default_model(tmp_path, fixtures_dir):
         a, b = utts[key]["embedding"], expected[key]
         assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) >= 0.9999, key
     assert summary["model"]["sha256"] == "92f29b94e6948786a26778c9e302525d185bb08c8b9f5252ed98776902840199"
+
+
+def test_unfused_run_gives_the_same_embeddings(tree, one_rank, tmp_path, fixtures_dir):
+    """--no_fusion runs conv, BatchNorm and activation separately, as the reference does."""
+    r = run_cli(extract_cmd(tree, tmp_path / "tmp", *tiny_model_args(fixtures_dir), "--dtype", "fp32",
+                            "--no_fusion"))
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "tmp" / "rank_00" / "metadata.json").read_text())
+    assert meta["batch_policy"]["fused"] is False
+    fused = np.load(one_rank / "tmp" / "rank_00" / "embeddings.npz")
+    plain = np.load(tmp_path / "tmp" / "rank_00" / "embeddings.npz")
+    assert list(fused["keys"]) == list(plain["keys"])
+    a, b = fused["embeddings"], plain["embeddings"]
+    assert np.abs(a - b).max() <= 2e-5 * np.abs(b).max()
