@@ -83,7 +83,7 @@ class SpeakerModel:
     """A loaded model plus its fbank front end; ``embed`` and ``compare`` take files or arrays."""
 
     def __init__(self, model, config, device, dtype: str = "auto", channels: str = "first",
-                 max_chunk_s: float = 300.0, name: str = "", checkpoint: str = ""):
+                 max_chunk_s: float = 300.0, name: str = "", checkpoint: str = "", fuse: bool = True):
         from speakerlab.embedder import DTYPES, Embedder, default_dtype
         if dtype == "auto":
             dtype = default_dtype(device)
@@ -97,7 +97,8 @@ class SpeakerModel:
         self.channels = channels
         self.name = name
         self.checkpoint = checkpoint
-        self.embedder = Embedder(model, config, device, dtype=dtype, max_chunk_frames=int(max_chunk_s * 100))
+        self.embedder = Embedder(model, config, device, dtype=dtype, max_chunk_frames=int(max_chunk_s * 100),
+                                 fuse=fuse)
 
     @property
     def sample_rate(self) -> int:
@@ -197,12 +198,13 @@ def _pick_device(device) -> "torch.device":
 
 
 def load_model(model_path=None, config_file=None, device=None, dtype: str = "auto",
-               channels: str = "first", max_chunk_s: float = 300.0) -> SpeakerModel:
+               channels: str = "first", max_chunk_s: float = 300.0, fuse: bool = True) -> SpeakerModel:
     """Load a model for ``embed``/``compare``.
 
     No arguments: the embedded default CAM++ zh/en model (fetched once, see ``speakerlab.zoo``).
     ``model_path`` needs ``config_file`` (e.g. ``conf/eres2netv2.yaml``). ``device``: None picks CUDA
-    when present, else CPU. ``dtype``: auto (the pipeline's choice), fp32, bf16 or fp16.
+    when present, else CPU. ``dtype``: auto (the pipeline's choice), fp32, bf16 or fp16. ``fuse``:
+    conv + BatchNorm + activation as one op (``speakerlab.models.fusion``), as the pipeline does.
     """
     from speakerlab import zoo
     from speakerlab.config import load_config
@@ -217,7 +219,7 @@ def load_model(model_path=None, config_file=None, device=None, dtype: str = "aut
     config = load_config(config_file)
     model = build_and_load(config, model_path)
     return SpeakerModel(model, config, _pick_device(device), dtype=dtype, channels=channels,
-                        max_chunk_s=max_chunk_s, name=name, checkpoint=str(model_path))
+                        max_chunk_s=max_chunk_s, name=name, checkpoint=str(model_path), fuse=fuse)
 
 
 # --- final output directories --------------------------------------------------------------

@@ -159,3 +159,14 @@ def test_model_made_under_inference_mode(fixtures_dir):
         fusion.enable_fusion(model)
         got = model(x, lengths)
     assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
+
+
+def test_onednn_self_check_is_not_fooled_by_autocast():
+    fusion.mkldnn_available.cache_clear()
+    try:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            first = fusion.mkldnn_available()
+        assert first == (torch.backends.mkldnn.is_available()
+                         and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+    finally:
+        fusion.mkldnn_available.cache_clear()

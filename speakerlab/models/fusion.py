@@ -17,6 +17,7 @@ so ``state_dict()`` is unchanged, and a later ``load_state_dict`` is noticed (th
 on the parameters' versions) and refolded. Fusion is for inference: no gradients flow through
 the folded weights, and modules in training mode always run unfused.
 """
+import functools
 import threading
 from typing import Callable, Dict, Optional
 
@@ -63,8 +64,30 @@ def _mkldnn_bf16() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
 def mkldnn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    """Whether this torch has oneDNN's fused conv op, and it computes what F.conv2d does.
+
+    It is a private op (the one torch.compile's CPU backend emits), so a torch whose op is missing or
+    changed gets the plain fused path instead of an error: checked once, on a tiny conv.
+    """
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+        return False
+    try:
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):  # it may first run under autocast
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(2, 3, 5, 7, generator=gen)
+            w = torch.randn(4, 3, 3, 3, generator=gen)
+            b = torch.randn(4, generator=gen)
+            other = torch.randn(2, 4, 5, 7, generator=gen)
+            want = F.conv2d(x, w, b, 1, 1)
+            got = torch.ops.mkldnn._convolution_pointwise(x, w, b, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
+            got2 = torch.ops.mkldnn._convolution_pointwise.binary(
+                x, other, w, b, [1, 1], [1, 1], [1, 1], 1, "add", None, "relu", [], "")
+        return (torch.allclose(got, want.relu(), atol=1e-4)
+                and torch.allclose(got2, (want + other).relu(), atol=1e-4))
+    except Exception:  # noqa: BLE001 -- any failure means: do not use it
+        return False
 
 
 def conv_bn(conv: nn.Module, bn: Optional[nn.Module], x: torch.Tensor, act: Optional[str] = None,
