@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import threading
@@ -321,23 +322,80 @@ def load_published_scan(path: Path, digest: str, patience: float = 120.0) -> dat
 
 
 # --- decoding in workers -------------------------------------------------------------------
+class DecodeJournal:
+    """Which file each decode worker process is decoding, one small file per worker pid.
+
+    A decoder that crashes the process (a segfault in a codec library, the kernel's OOM killer)
+    leaves no Python exception to catch; the journal of the dead pid names its file, so that file is
+    listed as failed and the rank goes on without it instead of dying on it at every rerun.
+    """
+
+    WIDTH = 16
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self._fd = None
+        self._pid = None
+
+    def _open(self):
+        if self._pid != os.getpid():  # first use in this (forked) worker
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.dir / str(os.getpid()), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._pid = os.getpid()
+        return self._fd
+
+    def start(self, index: int) -> None:
+        os.pwrite(self._open(), f"{index:>{self.WIDTH}}".encode(), 0)
+
+    def finish(self) -> None:
+        os.pwrite(self._open(), b" " * self.WIDTH, 0)
+
+    def current(self, pid: int) -> Optional[int]:
+        try:
+            text = (self.dir / str(pid)).read_text().strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 class WaveDataset(torch.utils.data.Dataset):
-    def __init__(self, utterances, sample_rate: int, channels: str):
+    def __init__(self, utterances, sample_rate: int, channels: str, journal: Optional[DecodeJournal] = None):
         self.utterances = utterances
         self.sample_rate = sample_rate
         self.channels = channels
+        self.journal = journal
 
     def __len__(self):
         return len(self.utterances)
 
     def __getitem__(self, index):
         utt = self.utterances[index]
+        if self.journal is not None:
+            self.journal.start(index)
         try:
             return index, load_audio(utt.path, self.sample_rate, self.channels, utt.start, utt.end)
         except AudioError as exc:
             return index, exc
         except Exception as exc:  # anything unforeseen is still one file's failure, not the rank's
             return index, AudioError(utt.path, "decode", f"{type(exc).__name__}: {exc}")
+        finally:
+            if self.journal is not None:
+                self.journal.finish()
+
+
+_DEAD_WORKER = re.compile(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\) (exited unexpectedly|is killed by signal: .*)")
+
+
+def dead_workers(exc: BaseException):
+    """(pids, how) of the decode workers a DataLoader error reports dead, or None for other errors."""
+    match = _DEAD_WORKER.search(str(exc))
+    if not match:
+        return None
+    pids = [int(p) for p in re.findall(r"\d+", match.group(1))]
+    return pids, match.group(2).rstrip(". ")
 
 
 def collate(items):
@@ -463,13 +521,9 @@ def run(args) -> int:
     metadata["batch_policy"]["batch_frames"] = batch_frames
     sr = config.sample_rate
     est = [int(u.num_samples * sr / u.sample_rate) if u.sample_rate else 0 for u in todo]
-    # Longest batches first: the run then ends on short batches, so concurrent model streams finish
-    # together instead of one core idling while the other runs the longest file (measured: ~4%).
-    batches = plan_batches(est, batch_frames, args.batch_size)[::-1]
-    loader = torch.utils.data.DataLoader(
-        WaveDataset(todo, sr, args.channels), batch_sampler=batches, num_workers=num_workers,
-        collate_fn=collate, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if num_workers > 0 else None)
+    journal = DecodeJournal(store.dir / "decoding") if num_workers > 0 else None
+    if journal is not None:
+        journal.clear()  # an earlier run's; a fresh one per run
     log.info("rank %d/%d on %s (%s): %d utterances to do, %d decode workers, %d model stream(s) x %d "
              "thread(s), batches of <= %d frames", rank, world, device, dtype, len(todo), num_workers,
              streams, threads, batch_frames)
@@ -477,23 +531,52 @@ def run(args) -> int:
 
     progress = make_progress(len(shard), len(done), rank, local_rank, args.no_progress)
     audio_seconds = 0.0
-    for (indices, waves, lengths, bad), results in ModelStreams(embedder, streams, threads, batch_frames).map(loader):
-        for index, error in bad:
-            store.fail(failure_record(todo[index], error.stage, error.reason))
-        for position, index in enumerate(indices):
-            utt = todo[index]
-            result = results[position]
-            if result.error:
-                store.fail(failure_record(utt, *result.error))
-            else:
-                seconds = int(lengths[position]) / sr
-                audio_seconds += seconds
-                store.add(utt.key, result.embedding,
-                          {"seconds": round(seconds, 4)} if result.chunks == 1 else
-                          {"seconds": round(seconds, 4), "chunks": result.chunks})
-        progress.update(len(indices) + len(bad))
-        progress.set_postfix_str(f"{audio_seconds / 3600:.2f} h audio", refresh=False)
-        store.maybe_flush(args.flush_every, args.flush_seconds)
+    left = list(range(len(todo)))
+    for attempt in range(MAX_DECODER_CRASHES + 1):
+        # Longest batches first: the run then ends on short batches, so concurrent model streams finish
+        # together instead of one core idling while the other runs the longest file (measured: ~4%).
+        batches = [[left[i] for i in batch] for batch in
+                   plan_batches([est[i] for i in left], batch_frames, args.batch_size)[::-1]]
+        loader = torch.utils.data.DataLoader(
+            WaveDataset(todo, sr, args.channels, journal), batch_sampler=batches, num_workers=num_workers,
+            collate_fn=collate, pin_memory=device.type == "cuda",
+            prefetch_factor=4 if num_workers > 0 else None)
+        try:
+            for (indices, waves, lengths, bad), results in ModelStreams(embedder, streams, threads,
+                                                                         batch_frames).map(loader):
+                for index, error in bad:
+                    store.fail(failure_record(todo[index], error.stage, error.reason))
+                for position, index in enumerate(indices):
+                    utt = todo[index]
+                    result = results[position]
+                    if result.error:
+                        store.fail(failure_record(utt, *result.error))
+                    else:
+                        seconds = int(lengths[position]) / sr
+                        audio_seconds += seconds
+                        store.add(utt.key, result.embedding,
+                                  {"seconds": round(seconds, 4)} if result.chunks == 1 else
+                                  {"seconds": round(seconds, 4), "chunks": result.chunks})
+                progress.update(len(indices) + len(bad))
+                progress.set_postfix_str(f"{audio_seconds / 3600:.2f} h audio", refresh=False)
+                store.maybe_flush(args.flush_every, args.flush_seconds)
+            break
+        except RuntimeError as exc:
+            store.repair()  # the DataLoader raises from a signal handler: anywhere in the loop body
+            culprits = crashed_files(exc, journal)
+            if not culprits or attempt == MAX_DECODER_CRASHES:
+                raise
+            for index, how in culprits:
+                log.warning("rank %d: the decoder crashed on %s (%s); listed as failed, going on",
+                            rank, todo[index].path, how)
+                store.fail(failure_record(todo[index], "decode", f"the decoder crashed on this file ({how})"))
+            store.flush()
+            handled = store.done_keys()
+            left = [i for i in left if todo[i].key not in handled]
+            progress.n = len(shard) - len(left)
+            progress.refresh()
+    if journal is not None:
+        journal.clear()
     progress.close()
     store.flush()
 
@@ -515,6 +598,20 @@ def run(args) -> int:
         log.warning("rank %d: %d of %d files failed (see %s)", rank, failed, len(shard), store.metadata_path)
     log.info("rank %d: done, %d embedded, %d failed", rank, embedded, failed)
     return exit_status(embedded, failed, args.strict, scan_errors(scan, rank))
+
+
+# A rank gives up (and a rerun resumes) after this many decoder crashes in one run.
+MAX_DECODER_CRASHES = 100
+
+
+def crashed_files(exc: BaseException, journal: Optional[DecodeJournal]):
+    """[(index into todo, how)] for the files dead decode workers were on; [] if unknown."""
+    dead = dead_workers(exc)
+    if dead is None or journal is None:
+        return []
+    pids, how = dead
+    found = [(journal.current(pid), how) for pid in pids]
+    return [(index, how) for index, how in found if index is not None]
 
 
 def scan_errors(scan, rank: int) -> int:

@@ -127,11 +127,15 @@ class RankStore:
 
     # --- appending -----------------------------------------------------------------------
     def add(self, key: str, embedding: np.ndarray, extra: Optional[dict] = None) -> None:
-        self.keys.append(key)
-        self.embeddings.append(embedding)
         if extra:
             self.extra[key] = extra
+        self.embeddings.append(embedding)
+        self.keys.append(key)  # last: an interrupted add leaves at most an extra embedding (repair)
         self._pending += 1
+
+    def repair(self) -> None:
+        """Undo a half-done ``add`` (an exception raised asynchronously, e.g. from a signal handler)."""
+        del self.embeddings[len(self.keys):]
 
     def fail(self, failure: dict) -> None:
         self.failures.append(failure)

@@ -1,0 +1,68 @@
+"""A decoder that kills its process (a codec segfault, the OOM killer) costs one file, not the rank."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from tests.helpers import ROOT, extract_cmd, micro_model, run_cli, tone, write_wav
+
+# Loaded at interpreter start (and so in every decode worker): files whose name contains
+# $SPEAKERLAB_TEST_CRASH kill the process that decodes them with $SPEAKERLAB_TEST_SIGNAL.
+HOOK = '''
+import os, signal
+if os.environ.get("SPEAKERLAB_TEST_CRASH"):
+    import speakerlab.extract as _extract
+    _load = _extract.load_audio
+    def _crashing_load(path, *args, **kwargs):
+        if os.environ["SPEAKERLAB_TEST_CRASH"] in os.path.basename(str(path)):
+            os.kill(os.getpid(), int(os.environ["SPEAKERLAB_TEST_SIGNAL"]))
+        return _load(path, *args, **kwargs)
+    _extract.load_audio = _crashing_load
+'''
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGKILL], ids=["segfault", "killed"])
+def test_decoder_crash_fails_one_file_and_the_run_goes_on(tmp_path, sig):
+    data = tmp_path / "data"
+    names = ["a1", "a2", "boom1", "a3", "a4", "boom2", "a5"]
+    for i, name in enumerate(names):
+        write_wav(data / "ds" / f"spk{i % 2}" / f"{name}.wav", tone(0.5 + 0.1 * i, seed=i))
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HOOK)
+    env = {"PYTHONPATH": f"{hook}{os.pathsep}{ROOT}", "SPEAKERLAB_TEST_CRASH": "boom",
+           "SPEAKERLAB_TEST_SIGNAL": str(int(sig))}
+    out = tmp_path / "out"
+    model = micro_model(tmp_path / "model")
+    r = run_cli(extract_cmd(data, out, *model, "--num_workers", "2", "--batch_frames", "60"), env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("the decoder crashed on") == 2
+    meta = json.loads((out / "rank_00" / "metadata.json").read_text())
+    assert meta["complete"] and meta["counts"] == {"assigned": 7, "embedded": 5, "failed": 2}
+    failed = {f["key"]: f for f in meta["failures"]}
+    assert set(failed) == {"ds_spk0_boom1", "ds_spk1_boom2"}
+    for record in failed.values():
+        assert record["stage"] == "decode" and "the decoder crashed on this file" in record["reason"]
+        assert "boom" in record["path"]
+    with np.load(out / "rank_00" / "embeddings.npz") as f:
+        assert sorted(f["keys"]) == sorted(f"ds_spk{i % 2}_{n}" for i, n in enumerate(names) if "boom" not in n)
+    assert not (out / "rank_00" / "decoding").exists()
+    # the same run again: complete, nothing redone, the crashing files not touched again
+    again = run_cli(extract_cmd(data, out, *model, "--num_workers", "2"), env=env)
+    assert again.returncode == 0 and "already complete" in again.stderr
+
+
+def test_unidentifiable_worker_death_still_stops_the_rank(tmp_path):
+    """Without decode workers (--num_workers 0) nothing can name the file: the rank stops, as before."""
+    data = tmp_path / "data"
+    write_wav(data / "ds" / "spk" / "boom.wav", tone(0.5))
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HOOK)
+    env = {"PYTHONPATH": f"{hook}{os.pathsep}{ROOT}", "SPEAKERLAB_TEST_CRASH": "boom",
+           "SPEAKERLAB_TEST_SIGNAL": str(int(signal.SIGKILL))}
+    r = run_cli(extract_cmd(data, tmp_path / "out", *micro_model(tmp_path / "model"), "--num_workers", "0"),
+                env=env)
+    assert r.returncode == -signal.SIGKILL
