@@ -219,12 +219,22 @@ def test_strict_and_no_op_rerun(bad_run):
     base = bad_run["base"]
     stamp = os.stat(base / "tmp" / "rank_00" / "embeddings.npz").st_mtime_ns
     cmd = extract_cmd(bad_run["root"], base / "tmp", *bad_run["model"], "--dtype", "fp32", "--batch_size", "4")
-    again = run_cli(cmd)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "already complete" in again.stderr and "files failed" in again.stderr
-    strict = run_cli(cmd + ["--strict"])
-    assert strict.returncode == 1, strict.stderr[-2000:]
+    # the tree as the first run saw it (a rerun checks that no file was added or removed since)
+    locked = bad_run["root"] / "fmt" / "spk3" / "locked"
+    os.chmod(locked, 0o000)
+    try:
+        prefix = as_unprivileged() or []
+        again = run_cli(prefix + cmd)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert "already complete" in again.stderr and "files failed" in again.stderr
+        strict = run_cli(prefix + cmd + ["--strict"])
+        assert strict.returncode == 1, strict.stderr[-2000:]
+    finally:
+        os.chmod(locked, 0o755)
     assert os.stat(base / "tmp" / "rank_00" / "embeddings.npz").st_mtime_ns == stamp
+    if bad_run["privileges_dropped"]:  # permissions fixed: the hidden file is new to the scan, and said so
+        changed = run_cli(cmd)
+        assert changed.returncode == 2 and "1 new or moved (e.g. fmt_spk3_locked_hidden)" in changed.stderr
 
 
 def test_all_failed_is_exit_1(tmp_path):

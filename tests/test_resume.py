@@ -221,3 +221,27 @@ def test_damaged_part_is_set_aside_and_redone(tmp_path, caplog):
     again.add("b", np.ones(4, np.float32))
     again.flush()
     assert (store.parts_dir / "part_000003.npz").exists()
+
+
+def test_tree_changed_since_the_scan_is_refused(setup, tmp_path, capsys, monkeypatch, caplog):
+    """Files added to (or removed from) the tree after scan.json are not silently left out of a rerun."""
+    import shutil
+    base, root = setup
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    out = tmp_path / "out"
+    code, err = run_main(extract_cmd(data, out, *common_args())[2:], capsys, monkeypatch)
+    assert code == 0, err
+    caplog.clear()
+    caplog.set_level("INFO", logger="speakerlab")
+    code, err = run_main(extract_cmd(data, out, *common_args())[2:], capsys, monkeypatch)
+    assert code == 0 and "the tree still matches" in caplog.text and "already complete" in caplog.text
+    write_wav(data / "ds0" / "spk9" / "late.wav", tone(0.7, seed=99))
+    (data / "ds1" / "spk1" / "u01.wav").unlink()
+    code, err = run_main(extract_cmd(data, out, *common_args())[2:], capsys, monkeypatch)
+    assert code == 2
+    assert "changed since it was scanned: 1 new or moved (e.g. ds0_spk9_late); 1 gone (e.g. ds1_spk1_u01)" in err
+    code, err = run_main(extract_cmd(data, out, *common_args(), "--overwrite")[2:], capsys, monkeypatch)
+    assert code == 0, err
+    meta = json.loads((out / "rank_00" / "metadata.json").read_text())
+    assert meta["counts"]["assigned"] == NUM_GOOD + 2  # 40 good - 1 gone + 1 new, broken + silent
