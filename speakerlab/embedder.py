@@ -9,7 +9,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from speakerlab.batching import grid_frames
 from speakerlab.config import ModelConfig
 from speakerlab.features import Fbank, FbankConfig
 from speakerlab.models.fusion import enable_fusion, keep_fp32
@@ -86,7 +88,7 @@ class Embedder:
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, device: torch.device,
                  dtype: str = "fp32", channels_last: Optional[bool] = None,
-                 max_chunk_frames: int = 30000, fuse: bool = True):
+                 max_chunk_frames: int = 30000, fuse: bool = True, grid: Optional[bool] = None):
         self.device = device
         self.dtype = dtype
         self.model = model.eval().to(device)
@@ -106,6 +108,9 @@ class Embedder:
         # differently -- fp32 within 2e-5 relative of unfused; bf16 as close to fp32 as unfused bf16
         if fuse:
             enable_fusion(self.model)
+        # Pad every batch to a grid length (batching.grid_frames) so shapes repeat; default on CPU,
+        # where oneDNN builds kernels per shape (GPU: unmeasured, off).
+        self.grid = device.type == "cpu" if grid is None else grid
 
     def _autocast(self):
         if self.dtype == "fp32":
@@ -114,6 +119,10 @@ class Embedder:
 
     @torch.inference_mode()
     def _forward(self, feats: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        if self.grid:
+            padded = grid_frames(feats.shape[1])
+            if padded > feats.shape[1]:  # zeros beyond every utterance: masked, invisible
+                feats = F.pad(feats, (0, 0, 0, padded - feats.shape[1]))
         lengths = None if bool((frames == feats.shape[1]).all()) else frames
         with self._autocast():
             out = self.model(feats, lengths)

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU only: batches run concurrently, each single-threaded; -1 = auto (one per core, <= 16)")
     p.add_argument("--dtype", choices=["auto"] + list(DTYPES), default="auto",
                    help="model precision; auto = bf16 on GPUs and on CPUs with native bf16, else fp32")
+    p.add_argument("--length_grid", choices=["auto", "on", "off"], default="auto",
+                   help="pad batches to one of 16 lengths per octave (<= 6.25%% more frames) so batch shapes "
+                        "repeat and oneDNN reuses its kernels; auto = on for CPU, off for GPU")
     p.add_argument("--no_fusion", action="store_true",
                    help="run conv, BatchNorm and activation as separate ops, as the reference does "
                         "(slower; fused is the same function, see speakerlab/models/fusion.py)")
@@ -486,7 +489,8 @@ def run(args) -> int:
     except ModelLoadError as exc:
         raise UsageError(str(exc)) from None
     embedder = Embedder(model, config, device, dtype=dtype,
-                        max_chunk_frames=int(args.max_chunk_s * 100), fuse=not args.no_fusion)
+                        max_chunk_frames=int(args.max_chunk_s * 100), fuse=not args.no_fusion,
+                        grid=None if args.length_grid == "auto" else args.length_grid == "on")
     output_dir.mkdir(parents=True, exist_ok=True)
 
     dist_ready = False
@@ -531,7 +535,7 @@ def run(args) -> int:
                 "model": model_identity, "started": started.isoformat(), "command": sys.argv,
                 "device": str(device), "dtype": dtype, "versions": versions(),
                 "batch_policy": {"batch_frames": None, "batch_size": args.batch_size,
-                                 "fused": not args.no_fusion}}
+                                 "fused": not args.no_fusion, "length_grid": embedder.grid}}
     atomic_write_json(store.metadata_path, metadata)
     store.load_parts()
     done = store.done_keys()
@@ -558,7 +562,7 @@ def run(args) -> int:
         # Longest batches first: the run then ends on short batches, so concurrent model streams finish
         # together instead of one core idling while the other runs the longest file (measured: ~4%).
         batches = [[left[i] for i in batch] for batch in
-                   plan_batches([est[i] for i in left], batch_frames, args.batch_size)[::-1]]
+                   plan_batches([est[i] for i in left], batch_frames, args.batch_size, grid=embedder.grid)[::-1]]
         loader = torch.utils.data.DataLoader(
             WaveDataset(todo, sr, args.channels, journal), batch_sampler=batches, num_workers=num_workers,
             collate_fn=collate, pin_memory=device.type == "cuda",
