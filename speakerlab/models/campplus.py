@@ -185,10 +185,9 @@ class _ContextGate(nn.Module):
         segment is averaged over the frames it actually has.  With padding we reproduce that by
         summing each segment (padded frames are zero) and dividing by its valid-frame count.
         """
+        if x.dim() == 4:
+            return _ContextGate._segment_context_time_major(x, pad)
         if pad is None:
-            if x.dim() == 4:  # (B, C, 1, T): see _Trunk
-                return x.mean(-1, keepdim=True) + F.avg_pool2d(
-                    x, (1, SEGMENT_FRAMES), (1, SEGMENT_FRAMES), ceil_mode=True)
             return x.mean(-1, keepdim=True) + F.avg_pool1d(
                 x, SEGMENT_FRAMES, SEGMENT_FRAMES, ceil_mode=True)
         b, t = x.shape[0], x.shape[-1]
@@ -201,6 +200,27 @@ class _ContextGate(nn.Module):
         seg_mean = sums / pad.seg_frames.view(*lead, -1)
         utt_mean = x.sum(-1, keepdim=True, dtype=torch.float32) / pad.frames.view(*lead, 1)
         return (utt_mean + seg_mean).to(x.dtype)
+
+    @staticmethod
+    def _segment_context_time_major(x: torch.Tensor, pad: Optional[_Padding]) -> torch.Tensor:
+        """The same for a (B, C, 1, T) map in channels-last memory, i.e. (B, T, C): segment sums
+        reduce over rows of contiguous channels, and the utterance sum is the sum of the segment
+        sums, so x is read once."""
+        b, c, _, t = x.shape
+        rows = x.permute(0, 2, 3, 1)  # (B, 1, T, C), a view
+        full = t // SEGMENT_FRAMES
+        sums = rows[:, :, :full * SEGMENT_FRAMES].unflatten(2, (full, SEGMENT_FRAMES)).sum(3, dtype=torch.float32)
+        if t > full * SEGMENT_FRAMES:
+            tail = rows[:, :, full * SEGMENT_FRAMES:].sum(2, keepdim=True, dtype=torch.float32)
+            sums = torch.cat([sums, tail], dim=2)  # (B, 1, S, C)
+        if pad is None:  # avg_pool's ceil_mode: the last segment averages the frames it has
+            counts = torch.full((sums.shape[2],), float(SEGMENT_FRAMES), device=x.device)
+            counts[-1] = t - (sums.shape[2] - 1) * SEGMENT_FRAMES
+            seg_frames, frames = counts.view(1, 1, -1, 1), float(t)
+        else:
+            seg_frames, frames = pad.seg_frames.view(b, 1, -1, 1), pad.frames.view(b, 1, 1, 1)
+        context = sums / seg_frames + sums.sum(2, keepdim=True) / frames
+        return context.to(x.dtype).permute(0, 3, 1, 2)  # (B, C, 1, S)
 
     def forward(self, x: torch.Tensor, pad: Optional[_Padding]) -> torch.Tensor:
         if pad is not None:
