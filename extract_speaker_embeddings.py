@@ -4,12 +4,7 @@ import logging
 import os
 import sys
 
-# oneDNN (CPU) keeps the kernels it builds per input shape in a cache of 1024 by default: a few
-# batch shapes of CAM++ fill it. Batches are padded to grid lengths so shapes repeat; this lets
-# their kernels stay (set before torch loads; an explicit setting wins).
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
-
-from speakerlab.extract import main  # noqa: E402
+from speakerlab.extract import main
 
 if __name__ == "__main__":
     status = main()

@@ -2,6 +2,13 @@
 
 The names below load on first use, so ``import speakerlab`` stays light (no torch until needed).
 """
+import os
+
+# oneDNN (torch's CPU kernels) builds kernels per input shape and keeps 1024 by default: a few batch
+# shapes of CAM++ fill that. Batches are padded to grid lengths (batching.py) so shapes repeat; a
+# larger cache lets their kernels stay. Read when torch first uses oneDNN; an explicit setting wins.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
+
 _API = ("load_model", "load_embeddings", "cosine", "SpeakerModel", "EmbeddingSet", "Match")
 
 __all__ = list(_API)

@@ -8,7 +8,7 @@ import torch
 # Padded lengths are rounded up to one of 16 steps per octave (at most 6.25% more frames): the
 # batch shapes then repeat, and oneDNN (CPU) reuses the kernels it built for a shape instead of
 # building new ones for every batch -- measured on CAM++ (bench corpus, one stream): 13% faster
-# with every shape seen before; see speakerlab/extract.py for the primitive cache this needs.
+# with every shape seen before; speakerlab/__init__.py raises the kernel cache this needs.
 GRID_STEPS_PER_OCTAVE = 16
 
 

@@ -14,11 +14,13 @@ import os
 import platform
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import List, Optional
@@ -382,6 +384,9 @@ class DecodeJournal:
             return None
         return int(text) if text.isdigit() else None
 
+    def forget(self, pid: int) -> None:
+        (self.dir / str(pid)).unlink(missing_ok=True)
+
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -570,41 +575,46 @@ def run(args) -> int:
         try:
             for (indices, waves, lengths, bad), results in ModelStreams(embedder, streams, threads,
                                                                          batch_frames).map(loader):
-                for index, error in bad:
-                    store.fail(failure_record(todo[index], error.stage, error.reason))
-                for position, index in enumerate(indices):
-                    utt = todo[index]
-                    result = results[position]
-                    if result.error:
-                        store.fail(failure_record(utt, *result.error))
-                    else:
-                        seconds = int(lengths[position]) / sr
-                        audio_seconds += seconds
-                        store.add(utt.key, result.embedding,
-                                  {"seconds": round(seconds, 4)} if result.chunks == 1 else
-                                  {"seconds": round(seconds, 4), "chunks": result.chunks})
+                with signals_held():
+                    for index, error in bad:
+                        store.fail(failure_record(todo[index], error.stage, error.reason))
+                    for position, index in enumerate(indices):
+                        utt = todo[index]
+                        result = results[position]
+                        if result.error:
+                            store.fail(failure_record(utt, *result.error))
+                        else:
+                            seconds = int(lengths[position]) / sr
+                            audio_seconds += seconds
+                            store.add(utt.key, result.embedding,
+                                      {"seconds": round(seconds, 4)} if result.chunks == 1 else
+                                      {"seconds": round(seconds, 4), "chunks": result.chunks})
+                    store.maybe_flush(args.flush_every, args.flush_seconds)
                 progress.update(len(indices) + len(bad))
                 progress.set_postfix_str(f"{audio_seconds / 3600:.2f} h audio", refresh=False)
-                store.maybe_flush(args.flush_every, args.flush_seconds)
             break
         except RuntimeError as exc:
-            store.repair()  # the DataLoader raises from a signal handler: anywhere in the loop body
-            culprits = crashed_files(exc, journal)
-            if not culprits or attempt == MAX_DECODER_CRASHES:
-                raise
-            for index, how in culprits:
-                log.warning("rank %d: the decoder crashed on %s (%s); listed as failed, going on",
-                            rank, todo[index].path, how)
-                store.fail(failure_record(todo[index], "decode", f"the decoder crashed on this file ({how})"))
-            store.flush()
+            store.repair()  # in case an add was cut short all the same
             handled = store.done_keys()
             left = [i for i in left if todo[i].key not in handled]
+            culprits = crashed_files(exc, journal, set(left))
+            if not culprits or attempt == MAX_DECODER_CRASHES:
+                raise
+            with signals_held():
+                for index, how in culprits:
+                    log.warning("rank %d: the decoder crashed on %s (%s); listed as failed, going on",
+                                rank, todo[index].path, how)
+                    store.fail(failure_record(todo[index], "decode", f"the decoder crashed on this file ({how})"))
+                store.flush()
+            culprit_set = {index for index, _ in culprits}
+            left = [i for i in left if i not in culprit_set]
             progress.n = len(shard) - len(left)
             progress.refresh()
     if journal is not None:
         journal.clear()
     progress.close()
-    store.flush()
+    with signals_held():
+        store.flush()
 
     utt_by_key = {u.key: u for u in shard}
     embedded = len(store.keys)
@@ -630,14 +640,35 @@ def run(args) -> int:
 MAX_DECODER_CRASHES = 100
 
 
-def crashed_files(exc: BaseException, journal: Optional[DecodeJournal]):
-    """[(index into todo, how)] for the files dead decode workers were on; [] if unknown."""
+def crashed_files(exc: BaseException, journal: Optional[DecodeJournal], pending) -> list:
+    """[(index into todo, how)] for the pending files dead decode workers were on; [] if unknown.
+    Each dead worker's journal is removed once read (a later worker may reuse its pid)."""
     dead = dead_workers(exc)
     if dead is None or journal is None:
         return []
     pids, how = dead
-    found = [(journal.current(pid), how) for pid in pids]
-    return [(index, how) for index, how in found if index is not None]
+    found = []
+    for pid in pids:
+        index = journal.current(pid)
+        journal.forget(pid)
+        if index is not None and index in pending:
+            found.append((index, how))
+    return found
+
+
+@contextmanager
+def signals_held():
+    """Hold SIGCHLD while results are written: torch's DataLoader raises a dead worker's error from
+    its SIGCHLD handler, i.e. anywhere in the main thread; held, it surfaces right after instead of
+    in the middle of a flush."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def scan_errors(scan, rank: int) -> int:
@@ -651,6 +682,8 @@ def embed_batch(embedder: Embedder, waves: torch.Tensor, lengths: torch.Tensor) 
     try:
         return embedder.embed(waves, lengths)
     except Exception as exc:
+        if dead_workers(exc) is not None:  # a decode worker died (raised from torch's SIGCHLD handler)
+            raise
         if len(lengths) == 1:
             return [Result(error=("model", f"model error: {type(exc).__name__}: {exc}"))]
         log.warning("a batch of %d failed in the model (%s: %s); retrying one by one",

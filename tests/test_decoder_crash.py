@@ -17,14 +17,30 @@ if os.environ.get("SPEAKERLAB_TEST_CRASH"):
     _load = _extract.load_audio
     def _crashing_load(path, *args, **kwargs):
         if os.environ["SPEAKERLAB_TEST_CRASH"] in os.path.basename(str(path)):
+            import time
+            time.sleep(float(os.environ.get("SPEAKERLAB_TEST_CRASH_DELAY", "0")))
             os.kill(os.getpid(), int(os.environ["SPEAKERLAB_TEST_SIGNAL"]))
         return _load(path, *args, **kwargs)
     _extract.load_audio = _crashing_load
+if os.environ.get("SPEAKERLAB_TEST_SLOW_MODEL"):  # the main thread is inside the model when a worker dies
+    import time
+    import speakerlab.embedder as _embedder
+    _embed = _embedder.Embedder.embed
+    def _slow_embed(self, *args, **kwargs):
+        time.sleep(float(os.environ["SPEAKERLAB_TEST_SLOW_MODEL"]))
+        return _embed(self, *args, **kwargs)
+    _embedder.Embedder.embed = _slow_embed
 '''
 
 
-@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGKILL], ids=["segfault", "killed"])
-def test_decoder_crash_fails_one_file_and_the_run_goes_on(tmp_path, sig):
+@pytest.mark.parametrize("sig, extra", [
+    (signal.SIGSEGV, []),
+    (signal.SIGKILL, []),
+    # one stream, one file per batch, a slow model: the worker's death is reported (from torch's
+    # SIGCHLD handler) while the main thread is in the model; it must not fail the file being embedded
+    (signal.SIGSEGV, ["--streams", "1", "--batch_frames", "1", "SLOW"]),
+], ids=["segfault", "killed", "during-model"])
+def test_decoder_crash_fails_one_file_and_the_run_goes_on(tmp_path, sig, extra):
     data = tmp_path / "data"
     names = ["a1", "a2", "boom1", "a3", "a4", "boom2", "a5"]
     for i, name in enumerate(names):
@@ -34,9 +50,13 @@ def test_decoder_crash_fails_one_file_and_the_run_goes_on(tmp_path, sig):
     (hook / "sitecustomize.py").write_text(HOOK)
     env = {"PYTHONPATH": f"{hook}{os.pathsep}{ROOT}", "SPEAKERLAB_TEST_CRASH": "boom",
            "SPEAKERLAB_TEST_SIGNAL": str(int(sig))}
+    if "SLOW" in extra:
+        env["SPEAKERLAB_TEST_SLOW_MODEL"] = "1.2"
+        env["SPEAKERLAB_TEST_CRASH_DELAY"] = "0.4"
+        extra = [a for a in extra if a != "SLOW"]
     out = tmp_path / "out"
     model = micro_model(tmp_path / "model")
-    r = run_cli(extract_cmd(data, out, *model, "--num_workers", "2", "--batch_frames", "60"), env=env)
+    r = run_cli(extract_cmd(data, out, *model, "--num_workers", "2", "--batch_frames", "60", *extra), env=env)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("the decoder crashed on") == 2
     meta = json.loads((out / "rank_00" / "metadata.json").read_text())
