@@ -6,7 +6,8 @@ then, for each model (CAM++ with the real default weights, full-size ERes2NetV2 
 weights), measures on the same files:
 
   (a) reference  -- what 3D-Speaker's extract.py does: one file at a time, decode (+resample),
-                    Kaldi fbank on the CPU, model at batch size 1 in fp32 (model on --device);
+                    Kaldi fbank on the CPU, model at batch size 1 in fp32 (model on --device),
+                    our models unfused, torch/oneDNN left at their defaults;
   (b) pipeline   -- ``extract_speaker_embeddings.py`` as a whole process (start-up, scan, model
                     load, decode workers, batched fbank + model, results written), wall clock;
   (c) ceiling    -- the model alone on fixed 6 s inputs at its best batch size, same dtype and
@@ -286,12 +287,20 @@ def phase_ceiling(args) -> dict:
             "best_batch": best, "x_real_time": results[best]}
 
 
+# (a) runs as the reference does, with oneDNN's own settings: its kernel cache of 1024 entries, not
+# the 16384 that speakerlab sets for the pipeline (a run with that gave CAM++ 73.9x, vs 68.6-71.5x).
+REFERENCE_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}
+
+
 def run_phase(name: str, args, model_path, config_file, data_root, out) -> tuple:
     cmd = [sys.executable, __file__, "--_phase", name, "--_model_path", model_path,
            "--_config_file", config_file, "--_data_root", data_root, "--_out", out,
            "--device", args.device, "--dtype", args.dtype, "--batches", args.batches,
            "--ceiling_seconds", str(args.ceiling_seconds), "--reference_threads", str(args.reference_threads)]
-    wall, rss, stdout, _, extra = run_measured(cmd)
+    env = REFERENCE_ENV if name == "reference" else None
+    wall, rss, stdout, _, extra = run_measured(cmd, env=env)
+    if env:
+        extra["env"] = dict(env)
     result = json.loads(stdout.strip().splitlines()[-1])
     result.update(extra)
     return result, rss, wall
