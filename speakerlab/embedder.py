@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from speakerlab.batching import grid_frames
 from speakerlab.config import ModelConfig
 from speakerlab.features import Fbank, FbankConfig
-from speakerlab.models.fusion import enable_fusion, keep_fp32
+from speakerlab.models.fusion import enable_fusion, keep_fp32, mkldnn_bf16_supported
 
 log = logging.getLogger("speakerlab")
 
@@ -22,10 +22,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def cpu_has_fast_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        return False
+    return mkldnn_bf16_supported()
 
 
 def default_dtype(device: torch.device) -> str:

@@ -57,7 +57,9 @@ def keep_fp32(conv: nn.Module) -> None:
     setattr(conv, _KEEP_FP32, True)
 
 
-def _mkldnn_bf16() -> bool:
+@functools.lru_cache(maxsize=None)
+def mkldnn_bf16_supported() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX-512 BF16 / AMX, or AVX-NE-CONVERT)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -170,7 +172,7 @@ def _fused(conv, bn, x, act, residual):
     eager_act, attr, scalars = ACTIVATIONS[act]
     use_mkldnn = (x.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
                   and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-                  and mkldnn_available() and (dtype == torch.float32 or _mkldnn_bf16()))
+                  and mkldnn_available() and (dtype == torch.float32 or mkldnn_bf16_supported()))
     as_2d = isinstance(conv, nn.Conv1d) and x.dim() == 4
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     # oneDNN adds an fp32 bias to its fp32 accumulator: a folded BatchNorm shift keeps its precision
