@@ -29,12 +29,16 @@ def strided_lengths(lengths: torch.Tensor, kernel: int, stride: int, padding: in
     return (lengths + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def _broadcast_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask as (B, 1, ..., 1, T) in ``x``'s dtype."""
+    return mask.view([mask.shape[0]] + [1] * (x.dim() - 2) + [mask.shape[1]]).to(x.dtype)
+
+
 def apply_mask(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Zero padded frames. ``x`` has time last; ``mask`` is (B, T)."""
     if mask is None:
         return x
-    shape = [mask.shape[0]] + [1] * (x.dim() - 2) + [mask.shape[1]]
-    return x * mask.view(shape).to(x.dtype)
+    return x * _broadcast_mask(mask, x)
 
 
 def apply_mask_(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -44,8 +48,7 @@ def apply_mask_(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     if mask is None:
         return x
     if x.device.type != "cpu":
-        shape = [mask.shape[0]] + [1] * (x.dim() - 2) + [mask.shape[1]]
-        return x.mul_(mask.view(shape).to(x.dtype))
+        return x.mul_(_broadcast_mask(mask, x))
     total = mask.shape[1]
     for row, length in enumerate(mask.sum(dim=1).tolist()):
         if length < total:
