@@ -278,15 +278,19 @@ def test_decode_in_blocks_equals_whole_read(tmp_path, monkeypatch, channels):
 
 
 def test_key_clash_keeps_first_and_reports_the_other(tmp_path):
+    """One utterance in two formats: the first keeps the key. v/1.wav and v_1.wav are two utterances
+    whose names join into one key: both are kept, told apart (tests/test_keys.py)."""
     from speakerlab.data import scan_tree
     write_wav(tmp_path / "ds" / "spk" / "u1.flac", tone(0.2))
     write_wav(tmp_path / "ds" / "spk" / "u1.wav", tone(0.2))
     write_wav(tmp_path / "ds" / "spk" / "v" / "1.wav", tone(0.2))
     write_wav(tmp_path / "ds" / "spk" / "v_1.wav", tone(0.2))
     scan = scan_tree(tmp_path)
-    assert [(u.key, os.path.basename(u.path)) for u in scan.utterances] == [("ds_spk_u1", "u1.flac"),
-                                                                           ("ds_spk_v_1", "v_1.wav")]
-    assert sorted(os.path.basename(e["path"]) for e in scan.errors) == ["1.wav", "u1.wav"]
+    assert (scan.utterances[0].key, os.path.basename(scan.utterances[0].path)) == ("ds_spk_u1", "u1.flac")
+    assert sorted(os.path.relpath(u.path, tmp_path / "ds" / "spk") for u in scan.utterances) == [
+        "u1.flac", "v/1.wav", "v_1.wav"]
+    assert all(u.key.startswith("ds_spk_v_1-") for u in scan.utterances[1:])
+    assert [os.path.basename(e["path"]) for e in scan.errors] == ["u1.wav"]
     assert all("is taken by" in e["reason"] and e["stage"] == "scan" for e in scan.errors)
 
 
