@@ -223,7 +223,7 @@ def scan_tree(data_root) -> ScanResult:
 
 def read_header(utt: Utterance) -> None:
     import soundfile as sf
-    from speakerlab.audio import AudioError, check_regular_file, explain_open_error
+    from speakerlab.audio import AudioError, check_regular_file, explain_open_error, header_problem
     try:
         check_regular_file(utt.path)
         info = sf.info(utt.path)
@@ -234,6 +234,7 @@ def read_header(utt: Utterance) -> None:
             last = frames if utt.end is None else min(frames, int(round(utt.end * utt.sample_rate)))
             frames = max(0, last - first)
         utt.num_samples = frames
+        utt.header_error = header_problem(utt.sample_rate, frames)  # the file fails at decode, for this reason
     except AudioError as exc:
         utt.header_error = exc.reason
     except Exception as exc:  # soundfile raises RuntimeError/LibsndfileError/OSError; all mean "unreadable"

@@ -27,6 +27,9 @@ EXPECTED_FAILURES = {
     "bad_spk1_zeros": ("validate", "all samples are zero"),
     "bad_spk1_nan": ("validate", "NaN or Inf"),
     "bad_spk1_inf": ("validate", "NaN or Inf"),
+    "bad_spk1_dc": ("validate", "constant signal: every sample is 0.25"),
+    "bad_spk1_tiny": ("validate", "near-silent"),
+    "bad_spk1_hz1": ("validate", "implausible sample rate 1 Hz"),
     "fmt_spk2_dangling": ("decode", "file not found"),
     "fmt_spk2_fifo": ("decode", "not a regular file (a named pipe)"),
     "fmt_spk2_unreadable": ("decode", "permission denied"),
@@ -48,6 +51,13 @@ def write_hour(path, seconds=HOUR_S):
             handle.write(block)
 
 
+def with_rate(wav: bytes, rate: int) -> bytes:
+    """A canonical PCM WAV with its header's sample rate (and byte rate) replaced."""
+    channels, bits = int.from_bytes(wav[22:24], "little"), int.from_bytes(wav[34:36], "little")
+    return (wav[:24] + rate.to_bytes(4, "little") + (rate * channels * bits // 8).to_bytes(4, "little")
+            + wav[32:])
+
+
 def make_bad_tree(root, outside):
     bad = root / "bad" / "spk1"
     good = write_wav(bad / "good.wav", tone(1.0, seed=1))
@@ -64,6 +74,9 @@ def make_bad_tree(root, outside):
     wave = tone(1.0, seed=4)
     wave[700] = np.inf
     write_wav(bad / "inf.wav", wave, subtype="FLOAT")
+    write_wav(bad / "dc.wav", np.full(16000, 0.25, np.float32))               # a DC offset, no sound
+    write_wav(bad / "tiny.wav", tone(1.0, seed=17) * np.float32(1e-38), subtype="FLOAT")  # near-silent
+    (bad / "hz1.wav").write_bytes(with_rate(raw, 1))                           # header claims 1 Hz
 
     fmt = root / "fmt" / "spk2"
     write_wav(fmt / "ch8.wav", tone(1.0, seed=5, channels=8))
