@@ -19,6 +19,7 @@ each with one line naming the file, the key and the reason.
 """
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -199,7 +200,10 @@ class _StrictLoader(yaml.SafeLoader):
 def load_config(path) -> ModelConfig:
     path = Path(path)
     try:
-        size = os.stat(path).st_size
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block, /dev/zero never ends
+            raise ConfigError(f"config {path} is not a regular file")
+        size = info.st_size
         if size > MAX_CONFIG_BYTES:
             raise ConfigError(f"config {path} is {size} bytes, over the {MAX_CONFIG_BYTES} byte limit for a "
                               "model config")

@@ -1,5 +1,6 @@
 """Configs are untrusted input: YAML bombs and oversized files are refused at once, every value the
 models and features use is checked, and each problem is one line naming the file, the key and why."""
+import os
 import time
 import tracemalloc
 from pathlib import Path
@@ -76,6 +77,9 @@ def test_oversized_and_deeply_nested_files(tmp_path):
     deep = write(tmp_path / "deep.yaml", "x: " + "[" * 5000 + "]" * 5000 + "\n" + GOOD)
     message = refused(deep)
     assert "nested" in message or "not valid YAML" in message
+    assert "not a regular file" in refused(Path("/dev/zero"))
+    os.mkfifo(tmp_path / "fifo.yaml")
+    assert "not a regular file" in refused(tmp_path / "fifo.yaml")
     binary = tmp_path / "bin.yaml"
     binary.write_bytes(b"sample_rate: \xff\xfe\n")
     assert "not UTF-8" in refused(binary)
