@@ -67,16 +67,26 @@ def test_reference_bomb_is_capped(tmp_path):
     lines = [GOOD, 'r0: ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     lines += [f"r{i}: [" + ", ".join([f"<r{i - 1}>"] * 10) + "]" for i in range(1, 10)]
     started = time.perf_counter()
-    assert "expand to more than" in refused(write(tmp_path / "refs.yaml", "\n".join(lines) + "\n"))
+    assert "values once <references> are expanded" in refused(write(tmp_path / "refs.yaml", "\n".join(lines) + "\n"))
+    assert time.perf_counter() - started < 2.0
+
+
+def test_too_many_values_fail_fast(tmp_path):
+    many = write(tmp_path / "many.yaml", GOOD + "".join(f"k{i}: [1, 2, 3, 4, 5]\n" for i in range(30000)))
+    assert len(many.read_bytes()) < MAX_CONFIG_BYTES
+    started = time.perf_counter()
+    assert "more than 20000 values" in refused(many)
     assert time.perf_counter() - started < 2.0
 
 
 def test_oversized_and_deeply_nested_files(tmp_path):
     big = write(tmp_path / "big.yaml", GOOD + "# " + "x" * MAX_CONFIG_BYTES + "\n")
     assert "byte limit" in refused(big)
-    deep = write(tmp_path / "deep.yaml", "x: " + "[" * 5000 + "]" * 5000 + "\n" + GOOD)
-    message = refused(deep)
-    assert "nested" in message or "not valid YAML" in message
+    deep = write(tmp_path / "deep.yaml", "x: " + "[" * 200 + "]" * 200 + "\n" + GOOD)
+    assert "nested more than 50 levels deep" in refused(deep)
+    deeper = write(tmp_path / "deeper.yaml", "x: " + "[" * 400000 + "]" * 400000 + "\n" + GOOD)
+    message = refused(deeper)  # libyaml stops at its own limit first
+    assert "nested more than 50" in message or "nesting depth" in message
     assert "not a regular file" in refused(Path("/dev/zero"))
     os.mkfifo(tmp_path / "fifo.yaml")
     assert "not a regular file" in refused(tmp_path / "fifo.yaml")
