@@ -1,5 +1,4 @@
 """Model registry: config ``obj`` names map to our classes, never to an import of arbitrary code."""
-import hashlib
 import re
 import warnings
 from pathlib import Path
@@ -63,14 +62,6 @@ def build_model(config: ModelConfig) -> torch.nn.Module:
         raise ModelLoadError(f"{config.source}: args {config.args} give {config.obj} a layer without "
                              f"channels ({empty}); use larger widths")
     return model
-
-
-def file_sha256(path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _torch_reason(exc: BaseException) -> str:
