@@ -6,7 +6,6 @@ names join the utterance id. Keys: ``<dataset>_<speaker>_<utterance>`` and ``<da
 made unique by ``assign_keys`` when joined names collide (``a_b/c`` and ``a/b_c``).
 """
 import hashlib
-import heapq
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ class DataError(ValueError):
     """A problem with the input as a whole (missing root, empty tree, key clash)."""
 
 
-@dataclass
+@dataclass(slots=True)  # millions of these: no per-object __dict__
 class Utterance:
     key: str
     dataset: str
@@ -241,54 +240,62 @@ def read_header(utt: Utterance) -> None:
         utt.header_error = explain_open_error(utt.path, exc)
 
 
-def read_headers(utterances: List[Utterance], threads: int = 16) -> None:
-    """Fill sample_rate / num_samples / channels; I/O bound, so threads overlap the waits."""
+def read_headers(utterances: List[Utterance], threads: int = 16) -> int:
+    """Fill sample_rate / num_samples / channels; I/O bound, so threads overlap the waits. Returns
+    the number of headers read."""
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(read_header, utterances, chunksize=256))
+    return len(utterances)
+
+
+def shard_bounds(durations, world_size: int) -> List[int]:
+    """Row bounds of each rank's shard: rank r takes rows ``bounds[r]:bounds[r+1]`` (rows in key order).
+
+    Contiguous ranges balanced by duration: a row goes to the rank whose share of the total holds
+    the middle of its duration (each file weighs at least 10 ms), so every rank's total is within
+    one file of ``total / world``. Contiguous, so a rank reads only its part of the scan file, and
+    the ranks' outputs, each in key order, concatenate into the key order of the whole corpus.
+    Computed once, by the rank that writes the scan, and stored with it.
+    """
+    import numpy as np
+    weights = np.maximum(np.asarray(durations, dtype=np.float64), 0.01)
+    if world_size <= 1 or not len(weights):
+        return [0] + [len(weights)] * max(1, world_size)
+    ends = np.cumsum(weights)
+    middles = ends - weights / 2
+    owners = np.minimum((middles * world_size / ends[-1]).astype(np.int64), world_size - 1)
+    owners = np.maximum.accumulate(owners)  # monotone even under rounding
+    return [int(b) for b in np.searchsorted(owners, np.arange(world_size + 1), side="left")]
 
 
 def shard_by_duration(utterances: List[Utterance], rank: int, world_size: int) -> List[Utterance]:
-    """Longest-first greedy assignment to the least-loaded rank: every utterance exactly once,
-    total durations balanced, the same answer on every rank. Returned in input order."""
-    if world_size == 1:
-        return list(utterances)
-    order = sorted(range(len(utterances)),
-                   key=lambda i: (-max(utterances[i].duration, 0.01), utterances[i].key))
-    loads = [(0.0, r) for r in range(world_size)]
-    mine = []
-    for index in order:
-        load, owner = heapq.heappop(loads)
-        if owner == rank:
-            mine.append(index)
-        heapq.heappush(loads, (load + max(utterances[index].duration, 0.01), owner))
-    return [utterances[i] for i in sorted(mine)]
+    """This rank's contiguous, duration-balanced share of ``utterances`` (in key order); see shard_bounds."""
+    bounds = shard_bounds([u.duration for u in utterances], world_size)
+    return list(utterances[bounds[rank]:bounds[rank + 1]])
 
 
-_FIELDS = [f for f in Utterance.__dataclass_fields__]
+def header_slice(count: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """Rows whose headers rank ``rank`` reads when the ranks share the header reads: a 1/world slice."""
+    return count * rank // world_size, count * (rank + 1) // world_size
 
 
-def save_scan(scan: ScanResult, path: Path) -> None:
-    """Columnar JSON (compact for millions of rows), written atomically."""
-    rows = [[getattr(u, f) for f in _FIELDS] for u in scan.utterances]
-    payload = {"data_root": scan.data_root, "fields": _FIELDS, "rows": rows,
-               "ignored": scan.ignored, "ignored_examples": scan.ignored_examples,
-               "source": scan.source or {"type": "tree", "path": scan.data_root}, "errors": scan.errors,
-               "renames": scan.renames}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, ensure_ascii=False, separators=(",", ":"))
-    os.replace(tmp, path)
+def keys_digest(utterances) -> str:
+    """sha1 over the keys in order: what a rank's results are tied to."""
+    digest = hashlib.sha1()
+    for utt in utterances:
+        digest.update(utt.key.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()
+
+
+def save_scan(scan: ScanResult, path: Path, **options) -> dict:
+    """The columnar scan file (speakerlab/scanfile.py), written atomically."""
+    from speakerlab import scanfile
+    return scanfile.save(scan, path, **options)
 
 
 def load_scan(path: Path) -> ScanResult:
-    with open(path, encoding="utf-8") as handle:
-        payload = json.load(handle)
-    fields = payload["fields"]
-    utterances = [Utterance(**dict(zip(fields, row))) for row in payload["rows"]]
-    return ScanResult(payload["data_root"], utterances, payload.get("ignored", {}),
-                      payload.get("ignored_examples", []),
-                      payload.get("source") or {"type": "tree", "path": payload["data_root"]},
-                      payload.get("errors", []), payload.get("renames", []))
+    from speakerlab import scanfile
+    return scanfile.load(path)
 
 
 def utterance_record(utt: Utterance) -> Dict[str, object]:
