@@ -213,7 +213,6 @@ def stream_merge(scans: Sequence, runs_ranks: Sequence[Sequence[RankResults]], o
 
     _check_speaker_keys(scans, runs_ranks, local_maps)
     keep = acc.counts > 0
-    new_index = np.cumsum(keep) - 1
     speaker_keys = [k for k, kept in zip(all_speakers, keep) if kept]
 
     # passes 2 and 3: cosines, outliers
@@ -235,7 +234,7 @@ def stream_merge(scans: Sequence, runs_ranks: Sequence[Sequence[RankResults]], o
     flagged_rows = {int(r): i for i, r in enumerate(flagged["row"])}
     flagged_keys = [""] * len(flagged_rows)
     files, renamed = _write_utterance_files(out, final, formats, names, matrix_path, scratch, total, dim, max_key,
-                                            flagged_rows, flagged_keys)
+                                            flagged_rows, flagged_keys, np.cumsum(acc.counts > 0) - 1)
     outliers = streamstats.outlier_lists(flagged, flagged_keys, num_all)
 
     # speakers
@@ -285,12 +284,17 @@ def _check_speaker_keys(scans, runs_ranks, tables) -> None:
 
 
 def _write_utterance_files(out, final, formats, names, matrix_path, scratch, total, dim, max_key,
-                           flagged_rows, flagged_keys):
+                           flagged_rows, flagged_keys, speaker_row):
     files: List[str] = []
     writers = {}
+    index = None
     if "npy" in formats:
         writers["jsonl"] = JsonListWriter(out / names["utterance_jsonl"], lines=True)
-        files += [names["npy_matrix"], names["utterance_jsonl"]]
+        # per row: where its line starts in the .jsonl, and its speaker's row (lookups without a key dict)
+        index = NpyWriter(out / names["npy_index"], total, (2,), np.int64)
+        speakers = MappedNpy(scratch / "speaker_index.npy")
+        offset = 0
+        files += [names["npy_matrix"], names["npy_index"], names["utterance_jsonl"]]
     if "pkl" in formats:
         writers["json"] = JsonListWriter(out / names["utterance_json"], lines=False)
         writers["pkl"] = PickleDictWriter(out / names["utterance_pkl"])
@@ -311,6 +315,8 @@ def _write_utterance_files(out, final, formats, names, matrix_path, scratch, tot
             row = 0
             for start, block in matrix.blocks(step):
                 cos = cosines.block(start, start + len(block))
+                if index is not None:
+                    starts = np.empty(len(block), dtype=np.int64)
                 for i in range(len(block)):
                     text = records.readline().rstrip("\n")
                     full = text[:-1] + ', "speaker_cosine": ' + json.dumps(round(float(cos[i]), 4)) + "}"
@@ -331,7 +337,12 @@ def _write_utterance_files(out, final, formats, names, matrix_path, scratch, tot
                     for kind in ("jsonl", "json"):
                         if kind in writers:
                             writers[kind].write_text(full)
+                    if index is not None:
+                        starts[i] = offset
+                        offset += len(full.encode("utf-8")) + 1
                     row += 1
+                if index is not None:
+                    index.write(np.stack([starts, speaker_row[speakers.block(start, start + len(block))]], axis=1))
                 if keys_for_npz is not None and len(keys_for_npz) >= 1 << 20:
                     _spill_keys(scratch, keys_for_npz)
         if keys_for_npz is not None:
@@ -350,9 +361,17 @@ def _write_utterance_files(out, final, formats, names, matrix_path, scratch, tot
             npz.member("embeddings", (total, dim), np.float32)
             for _, block in matrix.blocks():
                 npz.write(block)
+        if index is not None:
+            index.close()
+    except BaseException:
+        if index is not None:
+            index.abort()
+        raise
     finally:
         matrix.close()
         cosines.close()
+        if index is not None:
+            speakers.close()
         for writer in writers.values():
             writer.close()
     renamed = dict(writers["kaldi"].renamed) if "kaldi" in writers else {}

@@ -10,7 +10,7 @@ from speakerlab import scanfile, streammerge
 from speakerlab.data import ScanResult, Utterance, assign_keys
 
 NAMES = {"scratch": ".scratch", "npy_matrix": "utterance_embeddings.npy", "npy_speaker_matrix": "speaker_embeddings.npy",
-         "utterance_jsonl": "utterance_list.jsonl", "speaker_jsonl": "speaker_list.jsonl",
+         "utterance_jsonl": "utterance_list.jsonl", "npy_index": "utterance_index.npy", "speaker_jsonl": "speaker_list.jsonl",
          "utterance_json": "utterance_list.json", "speaker_json": "speaker_list.json",
          "utterance_pkl": "utterance_embeddings.pkl", "speaker_pkl": "speaker_embeddings.pkl",
          "utterance_npz": "utterance_embeddings.npz", "speaker_npz": "speaker_embeddings.npz",
@@ -101,6 +101,7 @@ def test_stream_merge_equals_in_memory(tmp_path, rule, weighted, world, block, m
         got = streammerge.stream_merge([handle], [ranks], out, out, ["npy", "pkl", "npz", "kaldi"],
                                        NAMES, rule, weighted, 7, block_rows=block)
     want = in_memory(scan, keys, matrix, failures, extra, rule, weighted, 7)
+    utterances = {u.key: u for u in scan.utterances}
     assert not (out / ".scratch").exists()
 
     npy = np.load(out / "utterance_embeddings.npy", mmap_mode="r")
@@ -108,8 +109,11 @@ def test_stream_merge_equals_in_memory(tmp_path, rule, weighted, world, block, m
     lines = [json.loads(line) for line in (out / "utterance_list.jsonl").read_text().splitlines()]
     assert [r["key"] for r in lines] == want["keys"]
     assert json.loads((out / "utterance_list.json").read_text()) == lines
+    index = np.load(out / "utterance_index.npy")
+    raw = (out / "utterance_list.jsonl").read_bytes()
+    assert [json.loads(raw[o:raw.index(b"\n", o)])["key"] for o in index[:, 0]] == want["keys"]
+    assert [want["speaker_keys"][s] for s in index[:, 1]] == [utterances[k].speaker_key for k in want["keys"]]
     assert [r["speaker_cosine"] for r in lines] == [round(float(c), 4) for c in want["stats"]["cosine"]]
-    utterances = {u.key: u for u in scan.utterances}
     for record, seconds in zip(lines, want["durations"]):
         utt = utterances[record["key"]]
         assert record["duration"] == round(float(seconds), 4) and record["speaker_key"] == utt.speaker_key
