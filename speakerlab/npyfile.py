@@ -97,9 +97,10 @@ def write_npy(path, array: np.ndarray) -> Path:
 class MappedNpy:
     """A read-only map of a ``.npy`` file; ``block(a, b)`` copies rows a:b and releases their pages."""
 
-    def __init__(self, path):
+    def __init__(self, path, base: int = 0):
         self.path = Path(path)
         with open(self.path, "rb") as handle:
+            handle.seek(base)
             version = np.lib.format.read_magic(handle)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, fortran, dtype = read(handle)
@@ -117,6 +118,23 @@ class MappedNpy:
         self.array = (np.frombuffer(self._map, dtype=self.dtype, count=int(np.prod(self.shape, dtype=np.int64)),
                                     offset=self.offset).reshape(self.shape)
                       if self._map is not None and count else np.zeros(self.shape, self.dtype))
+
+    @classmethod
+    def member(cls, path, name: str) -> "MappedNpy":
+        """A member ``name`` of an ``.npz`` stored without compression (``np.savez``), mapped in place."""
+        import zipfile
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo(name + ".npy")
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"{path}: member {name} is compressed and cannot be mapped")
+            with open(path, "rb") as handle:
+                handle.seek(info.header_offset)
+                local = handle.read(30)
+                if local[:4] != b"PK\x03\x04":
+                    raise ValueError(f"{path}: damaged zip entry for {name}")
+                start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + \
+                    int.from_bytes(local[28:30], "little")
+        return cls(path, start)
 
     def __len__(self) -> int:
         return self.shape[0]

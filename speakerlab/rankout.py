@@ -1,0 +1,171 @@
+"""A rank's final results, written from its part files a block at a time and read back mapped.
+
+The rank's ``embeddings.npz`` (members stored, not compressed, so they map in place):
+
+    keys        (n,) str     utterance keys, in scan-row (= key) order
+    rows        (n,) int64   their rows in the scan file (increasing)
+    embeddings  (n, D) f32
+    seconds     (n,) f64     audio seconds embedded; chunks (n,) int32: pieces of a long file (1: whole)
+    failures    JSON text    the rank's failed files
+
+Written from the parts without holding them: the parts' keys give each row's place, then the
+embeddings are gathered block by block from the mapped parts. ``merge`` reads it as
+``streammerge.RankResults`` (mapped members); npz files of earlier versions (keys in any order,
+``extra`` JSON) are read into memory and sorted (``results_from_arrays``).
+"""
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from speakerlab.npyfile import MappedNpy, rows_per_block
+from speakerlab.streamwrite import NpzMemberWriter, PickleDictWriter
+
+
+def _part_columns(path: Path):
+    """(keys, seconds, chunks, failures) of a part file (an npz with keys, embeddings, failures, extra)."""
+    with np.load(path, allow_pickle=False) as data:
+        keys = [str(k) for k in data["keys"]]
+        extra = json.loads(str(data["extra"])) if "extra" in data.files else {}
+        failures = json.loads(str(data["failures"])) if "failures" in data.files else []
+    seconds = np.array([extra.get(k, {}).get("seconds", np.nan) for k in keys], dtype=np.float64)
+    chunks = np.array([extra.get(k, {}).get("chunks", 1) for k in keys], dtype=np.int32)
+    return keys, seconds, chunks, failures
+
+
+def write_rank_npz(parts: Sequence[Path], row_of: Dict[str, int], out: Path, dim: Optional[int] = None) -> dict:
+    """Write ``out`` from the part files; returns counts and the failures. ``row_of``: scan row of
+    every key of the shard. A key flushed twice (a rerun that redid a part) counts once."""
+    out = Path(out)
+    where_part, where_row, scan_rows, seconds, chunks, keys = [], [], [], [], [], []
+    failures: List[dict] = []
+    seen = set()
+    for number, part in enumerate(parts):
+        part_keys, part_seconds, part_chunks, part_failures = _part_columns(part)
+        failures += part_failures
+        for i, key in enumerate(part_keys):
+            if key in seen:
+                continue
+            seen.add(key)
+            where_part.append(number)
+            where_row.append(i)
+            scan_rows.append(row_of[key])
+            seconds.append(part_seconds[i])
+            chunks.append(part_chunks[i])
+            keys.append(key)
+    del seen
+    order = np.argsort(np.array(scan_rows, dtype=np.int64), kind="stable")
+    where_part = np.array(where_part, dtype=np.int64)[order]
+    where_row = np.array(where_row, dtype=np.int64)[order]
+    keys = [keys[i] for i in order]
+    maps = [MappedNpy.member(part, "embeddings") for part in parts]
+    try:
+        if dim is None:
+            dims = {m.shape[1] for m in maps if len(m.shape) == 2 and len(m)}
+            dim = dims.pop() if dims else 0
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.npz")
+        writer = NpzMemberWriter(tmp)
+        try:
+            width = max([len(k) for k in keys] + [1])
+            writer.member("keys", (len(keys),), f"<U{width}")
+            for first in range(0, len(keys), 65536):
+                writer.write(np.array(keys[first:first + 65536], dtype=f"<U{width}"))
+            writer.member("rows", (len(keys),), np.int64)
+            writer.write(np.array(scan_rows, dtype=np.int64)[order])
+            writer.member("embeddings", (len(keys), dim), np.float32)
+            step = rows_per_block(max(dim, 1) * 4)
+            for first in range(0, len(keys), step):
+                parts_here = where_part[first:first + step]
+                rows_here = where_row[first:first + step]
+                block = np.empty((len(parts_here), dim), dtype=np.float32)
+                for number in np.unique(parts_here):
+                    mine = parts_here == number
+                    block[mine] = maps[number].take(rows_here[mine])
+                writer.write(block)
+            writer.member("seconds", (len(keys),), np.float64)
+            writer.write(np.array(seconds, dtype=np.float64)[order])
+            writer.member("chunks", (len(keys),), np.int32)
+            writer.write(np.array(chunks, dtype=np.int32)[order])
+            text = json.dumps(failures, ensure_ascii=False)
+            writer.member("failures", (), f"<U{max(1, len(text))}")
+            writer.write(np.array(text, dtype=f"<U{max(1, len(text))}"))
+            writer.close()
+            os.replace(tmp, out)
+        except BaseException:
+            writer.close()
+            tmp.unlink(missing_ok=True)
+            raise
+    finally:
+        for m in maps:
+            m.close()
+    return {"embedded": len(keys), "failed": len(failures), "failures": failures, "dim": dim,
+            "audio_seconds": float(np.nansum(seconds)) if seconds else 0.0}
+
+
+def write_rank_pickles(npz: Path, utterances: Dict[str, object], utt_pkl: Path, spk_pkl: Path) -> None:
+    """The seed's per-rank pickles, from the rank's npz, a block at a time: utterances in key order;
+    speakers (sorted) with the mean of their utterances (float64 sums in key order)."""
+    keys_map = MappedNpy.member(npz, "keys")
+    matrix = MappedNpy.member(npz, "embeddings")
+    sums: Dict[str, np.ndarray] = {}
+    counts: Dict[str, int] = {}
+    first_of: Dict[str, object] = {}
+    tmp_utt = utt_pkl.with_name(f".{utt_pkl.name}.tmp{os.getpid()}")
+    try:
+        writer = PickleDictWriter(tmp_utt)
+        for start, block in matrix.blocks():
+            names = keys_map.block(start, start + len(block))
+            for key, row in zip(names.tolist(), block):
+                utt = utterances[key]
+                writer.write(key, {"embedding": row.copy(), "dataset": utt.dataset, "speaker_id": utt.speaker,
+                                   "utterance_id": utt.utterance, "path": utt.path})
+                spk = utt.speaker_key
+                if spk in sums:
+                    sums[spk] += row.astype(np.float64)
+                    counts[spk] += 1
+                else:
+                    sums[spk], counts[spk], first_of[spk] = row.astype(np.float64), 1, utt
+        writer.close()
+        os.replace(tmp_utt, utt_pkl)
+    except BaseException:
+        tmp_utt.unlink(missing_ok=True)
+        raise
+    finally:
+        keys_map.close()
+        matrix.close()
+    tmp_spk = spk_pkl.with_name(f".{spk_pkl.name}.tmp{os.getpid()}")
+    try:
+        writer = PickleDictWriter(tmp_spk)
+        for spk in sorted(sums):
+            writer.write(spk, {"embedding": (sums[spk] / counts[spk]).astype(np.float32),
+                               "dataset": first_of[spk].dataset, "speaker_id": first_of[spk].speaker,
+                               "num_utterances": counts[spk]})
+        writer.close()
+        os.replace(tmp_spk, spk_pkl)
+    except BaseException:
+        tmp_spk.unlink(missing_ok=True)
+        raise
+
+
+def read_rank_results(npz: Path, row_of=None):
+    """The rank's results as ``streammerge.RankResults``: members mapped when the npz has ``rows``;
+    an npz of an earlier version is read whole and sorted (``row_of(keys)`` gives scan rows)."""
+    from speakerlab import streammerge
+    with np.load(npz, allow_pickle=False) as data:
+        files = set(data.files)
+        failures = json.loads(str(data["failures"])) if "failures" in files else []
+        if "rows" not in files:
+            keys = [str(k) for k in data["keys"]]
+            extra = json.loads(str(data["extra"])) if "extra" in files else {}
+            matrix = data["embeddings"].astype(np.float32)
+    if "rows" in files:
+        return streammerge.RankResults(MappedNpy.member(npz, "rows"), MappedNpy.member(npz, "embeddings"),
+                                       MappedNpy.member(npz, "seconds"), MappedNpy.member(npz, "chunks"), failures)
+    return streammerge.results_from_arrays(keys, matrix, failures, extra, row_of(keys))
+
+
+def read_rank_keys(npz: Path) -> List[str]:
+    with np.load(npz, allow_pickle=False) as data:
+        return [str(k) for k in data["keys"]]
