@@ -225,8 +225,9 @@ def load(path) -> ScanResult:
         return scan.result()
 
 
-def save_headers(path, start: int, rows: Sequence[Utterance], run_id: str) -> None:
-    """One rank's header reads (rows start:start+len(rows)) for the scan's gather, atomically."""
+def save_headers(path, start: int, rows: Sequence[Utterance], run_id: str, error: str = "") -> None:
+    """One rank's header reads (rows start:start+len(rows)) for the scan's gather, atomically;
+    ``error``: why the rank could not read them."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     columns = header_columns(rows)
@@ -235,7 +236,7 @@ def save_headers(path, start: int, rows: Sequence[Utterance], run_id: str) -> No
         with open(tmp, "wb") as handle:
             np.savez(handle, start=np.array(start), run_id=np.frombuffer(run_id.encode(), dtype=np.uint8),
                      rate=columns["rate"], samples=columns["samples"], chan=columns["chan"],
-                     err_txt=blob, err_len=lengths)
+                     err_txt=blob, err_len=lengths, error=np.frombuffer(error.encode("utf-8"), dtype=np.uint8))
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -249,7 +250,8 @@ def load_headers(path, run_id: Optional[str] = None) -> Optional[Tuple[int, Dict
             if run_id is not None and data["run_id"].tobytes().decode() != run_id:
                 return None
             return int(data["start"]), {"rate": data["rate"], "samples": data["samples"], "chan": data["chan"],
-                                        "err": decode_strings(data["err_txt"], data["err_len"])}
+                                        "err": decode_strings(data["err_txt"], data["err_len"]),
+                                        "error": data["error"].tobytes().decode("utf-8") if "error" in data.files else ""}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
         return None
 

@@ -139,3 +139,34 @@ def test_header_files_gather_into_the_scan(tmp_path, monkeypatch):
         start, columns = scanfile.load_headers(tmp_path / f"h{rank}.npz", "run-1")
         scanfile.apply_headers(walked.utterances[start:start + len(columns["rate"])], columns)
     assert walked.utterances == full.utterances
+
+
+def test_ranks_share_the_header_reads(tmp_path, monkeypatch):
+    """Each rank reads its slice (counted), rank 0 gathers them into the scan; a rank's error stops it."""
+    import soundfile as sf
+    from speakerlab.extract import headers
+    monkeypatch.setattr(scanfile, "GROUP_ROWS", 4)
+    for i in range(11):
+        sf.write(str(_wav(tmp_path, i)), np.zeros(160 * (i + 1)), 16000)
+    (tmp_path / "data" / "ds" / "s1" / "bad.wav").write_bytes(b"RIFF junk")
+    walked = data_mod.scan_tree(tmp_path / "data")
+    data_mod.save_scan(walked, tmp_path / "walk.npz", headers_read=False)
+    paths = [tmp_path / f"h{r}.npz" for r in range(3)]
+    read = [headers.read_slice(tmp_path / "walk.npz", r, 3, paths[r], "run-7", 2) for r in range(3)]
+    assert read == [4, 4, 4]
+    counts = headers.gather(walked, paths, "run-7", timeout=1)
+    assert counts == read
+    again = data_mod.scan_tree(tmp_path / "data")
+    data_mod.read_headers(again.utterances)
+    assert walked.utterances == again.utterances and any(u.header_error for u in again.utterances)
+    with pytest.raises(RuntimeError, match="did not read their share"):
+        headers.gather(walked, paths, "run-8", timeout=0.01, poll=0.01)
+    scanfile.save_headers(paths[1], 0, [], "run-7", error="rank 1: OSError: disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        headers.gather(walked, paths, "run-7", timeout=1)
+
+
+def _wav(root, i):
+    path = root / "data" / "ds" / f"s{i % 2}" / f"u{i:02d}.wav"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
