@@ -21,7 +21,7 @@ import numpy as np
 
 from speakerlab.npyfile import MappedNpy
 
-BLOCK_ROWS = 1 << 16
+BLOCK_ROWS = 1 << 13  # 6 MB of 192-d rows: read, normalised and scored while in cache
 
 
 def _unit(matrix) -> np.ndarray:
@@ -155,17 +155,19 @@ class MappedEmbeddingSet:
     def __getitem__(self, key: str) -> dict:
         return self.utterances[key]
 
-    def _blocks(self, columns=False):
-        """(positions in this set, rows of the dir, embeddings[, index columns]) a block at a time."""
+    def _blocks(self, columns=False, embeddings=True):
+        """(positions in this set, rows of the dir, embeddings[, index columns]) a block at a time;
+        the whole dir's blocks are read with file reads into one buffer (no mapped pages)."""
+        buffer = np.empty((BLOCK_ROWS, self.dim), np.float32) if self._rows is None and embeddings else None
         for first in range(0, len(self), BLOCK_ROWS):
             positions = np.arange(first, min(len(self), first + BLOCK_ROWS))
             if self._rows is None:
                 rows = positions
-                block = self._matrix.block(first, first + len(positions))
-                index = self._index.block(first, first + len(positions)) if columns else None
+                block = self._matrix.read(first, first + len(positions), buffer) if embeddings else None
+                index = self._index.read(first, first + len(positions)) if columns else None
             else:
                 rows = self._rows[positions]
-                block = self._matrix.take(rows)
+                block = self._matrix.take(rows) if embeddings else None
                 index = self._index.take(rows) if columns else None
             yield positions, rows, block, index
 
@@ -249,7 +251,8 @@ class MappedEmbeddingSet:
             raise ValueError("level must be 'utterance' or 'speaker'")
         if self._rows is None and not normalize:
             return self.keys, self._matrix.array
-        matrix = np.concatenate([b for _, _, b, _ in self._blocks()]) if len(self) else np.zeros((0, self.dim), np.float32)
+        matrix = np.concatenate([b.copy() for _, _, b, _ in self._blocks()]) if len(self) else \
+            np.zeros((0, self.dim), np.float32)
         return self.keys, (_unit(matrix) if normalize else matrix)
 
     # --- queries ---
@@ -334,7 +337,7 @@ class MappedEmbeddingSet:
 
     def _rows_with_speakers(self, wanted: np.ndarray) -> np.ndarray:
         found = []
-        for positions, rows, _, index in self._blocks(columns=True):
+        for positions, rows, _, index in self._blocks(columns=True, embeddings=False):
             found.append(rows[wanted[index[:, 1]]])
         return np.concatenate(found) if found else np.zeros(0, np.int64)
 

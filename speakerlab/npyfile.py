@@ -115,6 +115,7 @@ class MappedNpy:
                 raise ValueError(f"{self.path}: {size} bytes, its header announces {needed} (cut short?)")
             self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         count = self.shape[0] if self.shape else 1
+        self._file = None
         self.array = (np.frombuffer(self._map, dtype=self.dtype, count=int(np.prod(self.shape, dtype=np.int64)),
                                     offset=self.offset).reshape(self.shape)
                       if self._map is not None and count else np.zeros(self.shape, self.dtype))
@@ -154,6 +155,28 @@ class MappedNpy:
         self.release(start, stop)
         return out
 
+    def read(self, start: int, stop: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Rows start:stop read with plain file reads into ``out`` (or a new array): no page of the map
+        is touched, so scans of a large file neither fault nor grow the process."""
+        stop = min(stop, len(self))
+        count = max(0, stop - start)
+        if out is None:
+            out = np.empty((count,) + self.shape[1:], self.dtype)
+        else:
+            out = out[:count]
+        if count:
+            if self._file is None:
+                self._file = open(self.path, "rb", buffering=0)
+            self._file.seek(self.offset + start * self.row_bytes)
+            view = memoryview(out.reshape(-1).view(np.uint8))
+            done = 0
+            while done < len(view):
+                got = self._file.readinto(view[done:])
+                if not got:
+                    raise ValueError(f"{self.path}: ends before row {stop} (cut short?)")
+                done += got
+        return out
+
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Rows by index (any order), pages released afterwards."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -171,6 +194,9 @@ class MappedNpy:
 
     def close(self) -> None:
         self.array = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         if self._map is not None:
             try:
                 self._map.close()
