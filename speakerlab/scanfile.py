@@ -41,12 +41,13 @@ def encode_strings(values: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
 
 def decode_strings(blob: np.ndarray, lengths: np.ndarray) -> List[str]:
     raw = blob.tobytes()
-    ends = np.cumsum(lengths, dtype=np.int64).tolist()
-    out, start = [], 0
-    for end in ends:
-        out.append(raw[start:end].decode("utf-8", "surrogatepass"))
-        start = end
-    return out
+    ends = np.cumsum(lengths, dtype=np.int64)
+    starts = (ends - np.asarray(lengths, dtype=np.int64)).tolist()
+    ends = ends.tolist()
+    if raw.isascii():  # byte offsets are character offsets: slice one decoded string
+        text = raw.decode("ascii")
+        return [text[a:b] for a, b in zip(starts, ends)]
+    return [raw[a:b].decode("utf-8", "surrogatepass") for a, b in zip(starts, ends)]
 
 
 def _write_member(archive: zipfile.ZipFile, name: str, array: np.ndarray) -> None:

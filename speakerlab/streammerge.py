@@ -125,16 +125,25 @@ def _flush_rows(pending):
                         np.array([p[4] for p in pending], dtype=np.int64))
 
 
+_text = json.encoder.encode_basestring  # what json.dumps(..., ensure_ascii=False) writes for a str
+
+
+def _number(value) -> str:
+    return "null" if value is None else repr(value)
+
+
 def record_text(utt, seconds: float, chunks: int) -> str:
-    """The utterance record without its trailing speaker_cosine (added in the last pass)."""
-    record = {"key": utt.key, "dataset": utt.dataset, "speaker_id": utt.speaker, "speaker_key": utt.speaker_key,
-              "utterance_id": utt.utterance, "path": utt.path, "rel_path": utt.rel_path,
-              "duration": round(float(seconds), 4), "sample_rate": utt.sample_rate}
+    """The utterance record (``merge``'s fields, in its order) as ``json.dumps`` writes it, without
+    its trailing speaker_cosine (added in the last pass). Written out by hand: a few times faster."""
+    text = (f'{{"key": {_text(utt.key)}, "dataset": {_text(utt.dataset)}, "speaker_id": {_text(utt.speaker)}, '
+            f'"speaker_key": {_text(utt.speaker_key)}, "utterance_id": {_text(utt.utterance)}, '
+            f'"path": {_text(utt.path)}, "rel_path": {_text(utt.rel_path)}, '
+            f'"duration": {round(float(seconds), 4)!r}, "sample_rate": {int(utt.sample_rate)!r}')
     if utt.start is not None:
-        record.update({"start": utt.start, "end": utt.end})
+        text += f', "start": {_number(utt.start)}, "end": {_number(utt.end)}'
     if chunks > 1:
-        record["chunks"] = int(chunks)
-    return json.dumps(record, ensure_ascii=False)
+        text += f', "chunks": {int(chunks)!r}'
+    return text + "}"
 
 
 def stream_merge(scans: Sequence, runs_ranks: Sequence[Sequence[RankResults]], out: Path, final: Path,
@@ -319,7 +328,7 @@ def _write_utterance_files(out, final, formats, names, matrix_path, scratch, tot
                     starts = np.empty(len(block), dtype=np.int64)
                 for i in range(len(block)):
                     text = records.readline().rstrip("\n")
-                    full = text[:-1] + ', "speaker_cosine": ' + json.dumps(round(float(cos[i]), 4)) + "}"
+                    full = text[:-1] + ', "speaker_cosine": ' + repr(round(float(cos[i]), 4)) + "}"
                     key = None
                     if row in flagged_rows or "pkl" in writers or "kaldi" in writers or keys_for_npz is not None:
                         record = json.loads(full)
@@ -339,7 +348,7 @@ def _write_utterance_files(out, final, formats, names, matrix_path, scratch, tot
                             writers[kind].write_text(full)
                     if index is not None:
                         starts[i] = offset
-                        offset += len(full.encode("utf-8")) + 1
+                        offset += (len(full) if full.isascii() else len(full.encode("utf-8"))) + 1
                     row += 1
                 if index is not None:
                     index.write(np.stack([starts, speaker_row[speakers.block(start, start + len(block))]], axis=1))

@@ -170,3 +170,15 @@ def test_two_runs_merge_by_key_and_overlaps_are_refused(tmp_path):
         streammerge.stream_merge([handles[0], handles[0]], [runs[0], runs[0]], again, again, ["npy"], NAMES)
     for handle in handles:
         handle.close()
+
+
+def test_record_text_is_what_json_dumps_writes():
+    utt = Utterance(key='k"ë\\1', dataset="d\tx", speaker="s", utterance="u", path="/p/ü.wav", rel_path="ü.wav",
+                    sample_rate=16000, num_samples=1, start=0.25, end=None)
+    want = {"key": utt.key, "dataset": utt.dataset, "speaker_id": "s", "speaker_key": utt.speaker_key,
+            "utterance_id": "u", "path": utt.path, "rel_path": utt.rel_path, "duration": 1.2346,
+            "sample_rate": 16000, "start": 0.25, "end": None, "chunks": 3}
+    assert streammerge.record_text(utt, 1.23456789, 3) == json.dumps(want, ensure_ascii=False)
+    utt.start = None
+    del want["start"], want["end"], want["chunks"]
+    assert streammerge.record_text(utt, 1.23456789, 1) == json.dumps(want, ensure_ascii=False)
