@@ -354,6 +354,10 @@ class RunDir:
             return f"{path} disagrees with {METADATA} ({len(keys)} embedded, {len(failures)} failed)"
         return ""
 
+    def rank_embeddings_path(self, rank: int) -> Path:
+        """A complete rank's npz (keys, embeddings, failures, extra; no pickle)."""
+        return self.rank_dir(rank) / EMBEDDINGS
+
     def read_rank_results(self, rank: int):
         """(keys, matrix, failures, extra) of a complete rank."""
         path = self.rank_dir(rank) / EMBEDDINGS
