@@ -213,10 +213,12 @@ class RunDir:
     def save_scan(self, scan: data_mod.ScanResult) -> None:
         """Write scan.json whole or not at all (a temp dir beside it is removed whatever happens)."""
         tmp = self.path / f".scan.tmp{os.getpid()}"
-        tmp.mkdir(exist_ok=True)
         try:
+            tmp.mkdir(exist_ok=True)
             data_mod.save_scan(scan, tmp / SCAN)
             os.replace(tmp / SCAN, self.scan_path)
+        except OSError as exc:  # named by the file it was writing, not by the temp dir
+            raise OSError(exc.errno, exc.strerror or str(exc), str(self.scan_path)) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
