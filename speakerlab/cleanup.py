@@ -29,16 +29,18 @@ def _inside(inner: str, outer: str) -> bool:
     return inner != outer and os.path.commonpath([inner, outer]) == outer
 
 
-def check_overlap(run_dir: Path, protected: List[Tuple[str, str]], audio_paths) -> None:
-    """Refuse when the run dir is, contains or is inside a protected path, or contains audio."""
+def check_overlap(run_dir: Path, protected: List[Tuple[str, str]], audio_paths,
+                  containers: List[Tuple[str, str]] = ()) -> None:
+    """Refuse when the run dir is, contains or is inside a ``protected`` path, is or contains one of
+    ``containers``, or contains audio."""
     mine = _real(run_dir)
-    for label, path in protected:
+    for label, path in list(protected) + list(containers):
         theirs = _real(path)
         if theirs == mine:
             raise Refused(f"it is the {label} ({path})")
         if _inside(theirs, mine):
             raise Refused(f"it contains the {label} ({path})")
-        if _inside(mine, theirs):
+        if _inside(mine, theirs) and (label, path) in protected:
             raise Refused(f"it is inside the {label} ({path})")
     folders = {os.path.dirname(os.path.abspath(p)) for p in audio_paths}
     for folder in sorted(folders):
@@ -76,12 +78,16 @@ def clean(final_dir: Path, intermediate: Path, extra_protected: List[Tuple[str, 
     except RunDirError as exc:
         raise Refused(str(exc)) from None
     protected = [("final dir", str(final_dir))] + list(extra_protected)
+    containers = []
     source = scan.source or {}
     if source.get("type", "tree") == "tree":
         protected.append(("data root", scan.data_root))
-    elif source.get("path"):
-        protected.append(("manifest" if source["type"] == "manifest" else "Kaldi data dir", source["path"]))
-    check_overlap(intermediate, protected, (u.path for u in scan.utterances))
+    else:
+        if source.get("path"):
+            protected.append(("manifest" if source["type"] == "manifest" else "Kaldi data dir", source["path"]))
+        if source.get("base"):  # relative audio paths start there: a run dir may sit below it, never above
+            containers.append(("base dir of the input's relative paths", source["base"]))
+    check_overlap(intermediate, protected, (u.path for u in scan.utterances), containers)
     holder = run_dir.holder()
     if holder is not None:
         raise Refused(f"an extraction still runs in it (run {holder.get('run_id')}, host {holder.get('host')}, "

@@ -12,6 +12,7 @@ Files (``--formats``): pkl (always) ``utterance_embeddings.pkl``, ``speaker_embe
 """
 import json
 import os
+import re
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -67,6 +68,7 @@ def write(target, formats: Sequence[str], keys, matrix, utt_list, speaker_keys, 
     target = Path(target)
     check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_builds(target)
     build = target.parent / f".{target.name}.tmp{os.getpid()}"
     shutil.rmtree(build, ignore_errors=True)
     try:
@@ -109,6 +111,23 @@ def _write_files(out: Path, final: Path, formats, keys, matrix, utt_list, speake
     summary["files"] = files
     atomic_write_json(out / SUMMARY, summary)
     return files + [SUMMARY]
+
+
+def _remove_dead_builds(target: Path) -> None:
+    """Build and old dirs of merges into ``target`` that were killed (their process is gone)."""
+    pattern = re.compile(re.escape(f".{target.name}.") + r"(?:old\.)?tmp(\d+)")
+    for entry in target.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if not match or not entry.is_dir() or entry.is_symlink():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+            continue  # a live merge's
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def _swap_in(build: Path, target: Path) -> None:

@@ -56,10 +56,7 @@ def collect_run(input_dir: Path, allow_partial: bool):
     run_dir = RunDir(input_dir)
     if not run_dir.has_scan():
         raise MergeError(f"{input_dir} has no {run_dir.scan_path.name}: is it an extraction output dir?")
-    try:
-        scan = run_dir.load_scan()
-    except RunDirError as exc:
-        raise MergeError(str(exc)) from None
+    scan = run_dir.load_scan()  # RunDirError (unreadable): an environment error, exit 1
     beside = scan_fingerprint(scan)
     ranks: Dict[int, dict] = {}
     problems: List[str] = []
@@ -284,6 +281,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (MergeError, finaldir.FinalDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunDirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:  # disk full, read-only: the path and the cause, nothing half-written left
         where = f"cannot write {exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)

@@ -423,7 +423,7 @@ def test_truncated_scan_file_is_one_line(tmp_path, model, capsys, monkeypatch):
     code, err = run_extract(data, out, model, capsys, monkeypatch)
     assert code == 1 and err.startswith(f"error: {scan} is unreadable") and err.count("\n") == 1, err
     assert "--overwrite" in err
-    assert merge([out], tmp_path / "final") == 2
+    assert merge([out], tmp_path / "final") == 1
     assert f"{scan} is unreadable" in capsys.readouterr().err
     code, err = run_extract(data, out, model, capsys, monkeypatch, "--overwrite")
     assert code == 0, err
@@ -499,3 +499,61 @@ def test_resume_with_other_fusion_is_refused(tmp_path, model, capsys, monkeypatc
     assert code == 2 and "was made differently (fused: True -> False)" in err
     meta = json.loads((out / "rank_00" / "metadata.json").read_text())
     assert meta["fingerprint"]["fused"] is True and meta["batch_policy"]["fused"] is True
+
+
+def test_a_rank_still_running_after_its_rank_0_keeps_the_dir(tmp_path):
+    """Rank 0 ended (lock released) while rank 1 of the same job still runs: a new job is refused."""
+    from speakerlab.rundir import RunDirBusy
+    out = tmp_path / "out"
+    out.mkdir()
+    run_dir = RunDir(out)
+    lock = run_dir.claim("run-R")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    rank1 = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom speakerlab.rundir import RunDir\n"
+         "RunDir(sys.argv[1]).join(1, 'run-R')\nprint('held', flush=True)\ntime.sleep(120)", str(out)],
+        stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        assert rank1.stdout.readline().strip() == "held"
+        run_dir.release(lock)
+        assert run_dir.holder()["run_id"] == "run-R"  # what clean-up asks before removing anything
+        with pytest.raises(RunDirBusy, match="a rank of another extraction still runs"):
+            run_dir.claim("run-S")
+        with pytest.raises(RunDirBusy, match="held by another extraction .*run-R"):
+            run_dir.join(2, "run-S")
+    finally:
+        rank1.kill()
+        rank1.wait()
+    assert run_dir.holder() is None
+    run_dir.release(run_dir.claim("run-S"))
+
+
+def test_build_dirs_of_killed_merges_are_removed(run_dir, tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover = tmp_path / f".final.tmp{dead.pid}"
+    (leftover / "sub").mkdir(parents=True)
+    live = tmp_path / f".final.tmp{os.getppid()}"
+    live.mkdir()
+    assert merge([run_dir], tmp_path / "final") == 0
+    assert not leftover.exists() and live.is_dir()
+    speakerlab.load_embeddings(tmp_path / "final")
+
+
+def test_cleanup_refuses_a_run_dir_above_the_base_of_relative_paths(tmp_path, model, capsys, monkeypatch):
+    base = tmp_path / "W" / "corpus"
+    write_wav(base / "x.wav", tone(0.8, seed=3))
+    write_wav(base / "y.wav", tone(0.9, seed=4))
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,speaker,dataset\nx.wav,s1,m\ny.wav,s2,m\n")
+    out = tmp_path / "W"
+    code, err = extract(["--manifest", manifest, "--data_root", base, "--output_dir", out, *model,
+                         "--num_workers", "0", "--no_progress"], capsys, monkeypatch)
+    assert code == 0, err
+    (base / "unlisted.txt").write_text("not in the manifest, still not ours")
+    assert merge([out], tmp_path / "final") == 0
+    before = snapshot(tmp_path / "W")
+    assert cleanup(tmp_path / "final", out) == 1
+    err = capsys.readouterr().err
+    assert "contains the base dir of the input's relative paths" in err or "contains audio" in err
+    assert snapshot(tmp_path / "W") == before
