@@ -21,6 +21,9 @@ record names the run ids it was merged from, and clean-up removes a run dir only
 One job per dir: the lock is held by live processes only (POSIX locks die with their process, also
 on NFS), so a dead job's lock is stale by construction and the next job takes it over.
 """
+import errno
+import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -72,7 +75,6 @@ def new_run_id(job: Optional[str] = None) -> str:
 
 
 def keys_digest(utterances) -> str:
-    import hashlib
     digest = hashlib.sha1()
     for utt in utterances:
         digest.update(utt.key.encode("utf-8", "surrogatepass") + b"\0")
@@ -83,19 +85,6 @@ def scan_fingerprint(scan: data_mod.ScanResult) -> dict:
     """What a rank's results depend on in the scan; merge checks ranks against the scan beside them."""
     return {"data_root": scan.data_root, "source": scan.source, "num_utterances": len(scan.utterances),
             "keys_sha1": keys_digest(scan.utterances)}
-
-
-def _alive(host: str, pid) -> Optional[bool]:
-    """Whether ``pid`` on ``host`` runs; None when that cannot be told from here (another host)."""
-    if host != socket.gethostname() or not isinstance(pid, int):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --- the lock ------------------------------------------------------------------------------
@@ -112,7 +101,6 @@ class Lock:
     def release(self) -> None:
         if self.fd is None:
             return
-        import fcntl
         for offset in self.offsets:
             try:
                 fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, offset)
@@ -130,13 +118,17 @@ def _read_fd(fd: int) -> dict:
         return {}
 
 
-def _try_lock(fd: int, offset: int, length: int = 1) -> bool:
-    import fcntl
+def _try_lock(fd: int, offset: int, length: int = 1, path=LOCK) -> bool:
+    """True when taken, False when another process holds it; other failures (a filesystem without
+    POSIX locks) are a RunDirError rather than a false "in use"."""
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, offset)
         return True
-    except OSError:
-        return False
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise RunDirError(f"cannot lock {path} ({exc.strerror or exc}): does this filesystem support "
+                          "POSIX locks?") from None
 
 
 def _describe_holder(info: dict) -> str:
@@ -250,25 +242,26 @@ class RunDir:
             raise RunDirError(f"cannot create {self.lock_path}: {exc.strerror or exc}") from None
         try:
             previous = _read_fd(fd)
-            if not _try_lock(fd, 0):
+            if not _try_lock(fd, 0, 1, self.lock_path):
                 raise RunDirBusy(f"{self.path} is in use by another extraction ({_describe_holder(previous)}); "
                                  "wait for it to finish, or use another --output_dir")
-            if not _try_lock(fd, 1, 0):  # a rank of an earlier job still running after its rank 0 ended
+            if not _try_lock(fd, 1, 0, self.lock_path):  # a rank of an earlier job still running after its rank 0 ended
                 raise RunDirBusy(f"{self.path} is in use: a rank of another extraction still runs "
                                  f"({_describe_holder(previous)}); wait for it, or use another --output_dir")
-            import fcntl
             fcntl.lockf(fd, fcntl.LOCK_UN, 0, 1)
-            if not _try_lock(fd, 1):
+            if not _try_lock(fd, 1, 1, self.lock_path):
                 raise RunDirBusy(f"{self.path} is in use by another extraction; use another --output_dir")
             if previous and previous.get("run_id") != run_id and not previous.get("released"):
                 log.warning("taking over %s: the job that held it (%s) is gone", self.lock_path,
                             _describe_holder(previous))
             info = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
                     "started": datetime.now(timezone.utc).isoformat()}
-            data = json.dumps(info).encode("utf-8")
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, data, 0)
-            os.fsync(fd)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+                os.fsync(fd)
+            except OSError as exc:
+                raise RunDirError(f"cannot write {self.lock_path}: {exc.strerror or exc}") from None
         except BaseException:
             os.close(fd)
             raise
@@ -286,7 +279,7 @@ class RunDir:
             if holder.get("run_id") != run_id:
                 raise RunDirBusy(f"{self.path} is held by another extraction ({_describe_holder(holder)}), "
                                  f"not by this job's rank 0 (run {run_id})")
-            if not _try_lock(fd, 1 + rank):
+            if not _try_lock(fd, 1 + rank, 1, self.lock_path):
                 raise RunDirBusy(f"{self.path}: rank {rank} of another extraction still runs; "
                                  "use another --output_dir")
         except BaseException:
@@ -301,8 +294,7 @@ class RunDir:
         fd = self._open_lock()
         try:
             info = _read_fd(fd)
-            if _try_lock(fd, 0, 0):
-                import fcntl
+            if _try_lock(fd, 0, 0, self.lock_path):
                 fcntl.lockf(fd, fcntl.LOCK_UN, 0, 0)
                 return None
             return info or {"run_id": "?"}

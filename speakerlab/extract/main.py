@@ -196,7 +196,8 @@ def run_shard(options: ExtractOptions, run_dir: RunDir, scan, run_id: str, embed
                      flush_every=options.flush_every, flush_seconds=options.flush_seconds,
                      pin_memory=device.type == "cuda")
     metadata = {"rank": rank, "world_size": world, "complete": False, "fingerprint": fingerprint,
-                "run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "model": model_identity, "started": started.isoformat(), "command": sys.argv,
+                "run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "model": model_identity,
+                "started": started.isoformat(), "command": sys.argv,
                 "device": str(device), "dtype": embedder.dtype, "versions": versions(),
                 "batch_policy": {"batch_frames": None, "batch_size": options.batch_size,
                                  "fused": options.fuse, "length_grid": embedder.grid}}
