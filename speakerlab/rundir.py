@@ -102,10 +102,7 @@ class Lock:
         if self.fd is None:
             return
         for offset in self.offsets:
-            try:
-                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, offset)
-            except OSError:
-                pass
+            _unlock(self.fd, offset)
         os.close(self.fd)
         self.fd = None
 
@@ -118,17 +115,35 @@ def _read_fd(fd: int) -> dict:
         return {}
 
 
+_NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+_warned_no_locks = set()
+
+
 def _try_lock(fd: int, offset: int, length: int = 1, path=LOCK) -> bool:
-    """True when taken, False when another process holds it; other failures (a filesystem without
-    POSIX locks) are a RunDirError rather than a false "in use"."""
+    """True when taken, False when another process holds it. On a filesystem without POSIX locks
+    (Lustre mounted without ``flock``, some FUSE mounts) nothing can be enforced: a warning, and True,
+    rather than refusing every run there."""
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, offset)
         return True
     except OSError as exc:
         if exc.errno in (errno.EAGAIN, errno.EACCES):
             return False
-        raise RunDirError(f"cannot lock {path} ({exc.strerror or exc}): does this filesystem support "
-                          "POSIX locks?") from None
+        if exc.errno not in _NO_LOCKS:
+            raise RunDirError(f"cannot lock {path}: {exc.strerror or exc}") from None
+        if str(path) not in _warned_no_locks:
+            _warned_no_locks.add(str(path))
+            log.warning("cannot lock %s (%s): this filesystem has no POSIX locks, so a second job writing "
+                        "into the same dir cannot be detected; run one job per --output_dir", path,
+                        exc.strerror or exc)
+        return True
+
+
+def _unlock(fd: int, offset: int, length: int = 1) -> None:
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_UN, length, offset)
+    except OSError:
+        pass  # never held (a filesystem without locks), or gone with the fd
 
 
 def _describe_holder(info: dict) -> str:
@@ -248,7 +263,7 @@ class RunDir:
             if not _try_lock(fd, 1, 0, self.lock_path):  # a rank of an earlier job still running after its rank 0 ended
                 raise RunDirBusy(f"{self.path} is in use: a rank of another extraction still runs "
                                  f"({_describe_holder(previous)}); wait for it, or use another --output_dir")
-            fcntl.lockf(fd, fcntl.LOCK_UN, 0, 1)
+            _unlock(fd, 1, 0)
             if not _try_lock(fd, 1, 1, self.lock_path):
                 raise RunDirBusy(f"{self.path} is in use by another extraction; use another --output_dir")
             if previous and previous.get("run_id") != run_id and not previous.get("released"):
@@ -295,7 +310,7 @@ class RunDir:
         try:
             info = _read_fd(fd)
             if _try_lock(fd, 0, 0, self.lock_path):
-                fcntl.lockf(fd, fcntl.LOCK_UN, 0, 0)
+                _unlock(fd, 0, 0)
                 return None
             return info or {"run_id": "?"}
         finally:
