@@ -296,7 +296,9 @@ def test_a_merge_with_fewer_formats_leaves_no_old_file(run_dir, tmp_path, capsys
     assert merge([run_dir], final, "--formats", "pkl,npz,kaldi") == 0
     import kaldiio
     kaldi = kaldiio.load_scp(str(final / "xvector.scp"))  # the scp names the ark where it ended up
-    assert sorted(kaldi) == speakerlab.load_embeddings(final).keys
+    emb = speakerlab.load_embeddings(final)
+    assert sorted(kaldi) == emb.keys
+    np.testing.assert_array_equal(kaldi[emb.keys[0]], emb.matrix()[1][0])
     assert merge([run_dir], final, "--formats", "pkl") == 0
     names = sorted(p.name for p in final.iterdir())
     assert names == sorted(["complete.json", "summary.json", "utterance_embeddings.pkl", "speaker_embeddings.pkl",
