@@ -251,14 +251,14 @@ def phase_ceiling(args) -> dict:
     import torch
     from concurrent.futures import ThreadPoolExecutor
     from speakerlab.config import load_config
-    from speakerlab.embedder import Embedder, default_dtype
+    from speakerlab.embedder import Embedder, resolve_dtype
     from speakerlab.extract import cpu_plan
     from speakerlab.models import load_model
     device = torch.device(args.device)
     _, threads, streams = cpu_plan(-1, 1, device)
     torch.set_num_threads(threads)
     config = load_config(args.config_file)
-    dtype = default_dtype(device) if args.dtype == "auto" else args.dtype
+    dtype = resolve_dtype(args.dtype, device)
     embedder = Embedder(load_model(config, args.model_path), config, device, dtype=dtype)
     frames = 598  # 6 s of audio at 10 ms shift, 25 ms window
     budget = args.ceiling_seconds
