@@ -51,7 +51,8 @@ def check_replaceable(target: Path) -> None:
     if not target.exists():
         return
     if not target.is_dir() or target.is_symlink():
-        raise FinalDirError(f"{target} exists and is not a directory; choose another --output_dir")
+        raise FinalDirError(f"{target} exists and is not a plain directory (a file or a symlink); choose another "
+                            "--output_dir")
     foreign = sorted(p.name for p in target.iterdir() if p.name not in KNOWN and not is_temp_name(p.name))
     if foreign:
         shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
