@@ -363,6 +363,10 @@ class RunDir:
             return f"{path} disagrees with {METADATA} ({len(keys)} embedded, {len(failures)} failed)"
         return ""
 
+    def missing_rank_pickles(self, rank: int) -> List[str]:
+        """The seed's per-rank pickles a complete rank lacks (they are rebuilt from its npz)."""
+        return [name for name in RANK_PICKLES if not (self.rank_dir(rank) / name).is_file()]
+
     def rank_embeddings_path(self, rank: int) -> Path:
         """A complete rank's npz (keys, embeddings, failures, extra; no pickle)."""
         return self.rank_dir(rank) / EMBEDDINGS
@@ -473,6 +477,14 @@ class RankStore:
             self.extra.update(extra)
         self._flushed_keys = len(self.keys)
         self._flushed_failures = len(self.failures)
+
+    def load_final(self) -> None:
+        """Load a complete rank's results from its npz (to rewrite its other final files)."""
+        path = self.dir / EMBEDDINGS
+        keys, matrix, failures = read_embeddings_npz(path)
+        self.keys, self.embeddings, self.failures = keys, list(matrix), failures
+        self.extra = read_extra(path)
+        self._flushed_keys, self._flushed_failures, self._pending = len(self.keys), len(self.failures), 0
 
     def done_keys(self) -> set:
         return set(self.keys) | {f["key"] for f in self.failures}

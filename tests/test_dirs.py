@@ -416,6 +416,30 @@ def test_broken_complete_rank_is_named_by_merge_and_redone_by_a_rerun(tmp_path, 
     np.testing.assert_allclose(again.matrix()[1], good.matrix()[1], rtol=1e-5, atol=1e-6)
 
 
+def test_complete_rank_missing_its_pickles_gets_them_back_without_redoing(tmp_path, model, capsys, monkeypatch,
+                                                                          caplog):
+    data = make_tree(tmp_path / "data")
+    out = tmp_path / "tmp"
+    code, err = run_extract(data, out, model, capsys, monkeypatch)
+    assert code == 0, err
+    rank = out / "rank_00"
+    with open(rank / "utterance_embeddings.pkl", "rb") as handle:
+        before = pickle.load(handle)
+    stamp = (rank / "embeddings.npz").read_bytes()
+    (rank / "utterance_embeddings.pkl").unlink()
+    caplog.set_level("INFO", logger="speakerlab")
+    code, err = run_extract(data, out, model, capsys, monkeypatch)
+    assert code == 0 and "utterance_embeddings.pkl missing: rewriting" in caplog.text
+    assert "utterances to do" not in caplog.text and (rank / "embeddings.npz").read_bytes() == stamp
+    with open(rank / "utterance_embeddings.pkl", "rb") as handle:
+        after = pickle.load(handle)
+    assert sorted(after) == sorted(before)
+    for key in before:
+        np.testing.assert_array_equal(after[key]["embedding"], before[key]["embedding"])
+        assert {k: v for k, v in after[key].items() if k != "embedding"} == \
+            {k: v for k, v in before[key].items() if k != "embedding"}
+
+
 # --- item 8: environment errors are one line -----------------------------------------------------
 def test_truncated_scan_file_is_one_line(tmp_path, model, capsys, monkeypatch):
     data = make_tree(tmp_path / "data")

@@ -184,6 +184,12 @@ def run_shard(options: ExtractOptions, run_dir: RunDir, scan, run_id: str, embed
                    "world_size": world, "rank": rank}
     store, previous = open_rank_store(run_dir, rank, fingerprint, options.overwrite)
     if previous is not None:
+        missing = run_dir.missing_rank_pickles(rank)
+        if missing:  # the embeddings are all there: only the files made from them are rewritten
+            log.warning("rank %d was complete, but %s missing: rewriting from %s", rank, ", ".join(missing),
+                        run_dir.rank_embeddings_path(rank).name)
+            store.load_final()
+            store.finalize({u.key: u for u in shard}, previous)
         counts = previous["counts"]
         log.info("rank %d: already complete (%d embedded, %d failed); nothing to do (--overwrite redoes it)",
                  rank, counts["embedded"], counts["failed"])
