@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from speakerlab.finaldir import FinalDir, FinalDirError
-from speakerlab.rundir import RunDir, RunDirError
+from speakerlab.rundir import RunDir, RunDirBusy, RunDirError
 
 
 class Refused(Exception):
@@ -88,19 +88,24 @@ def clean(final_dir: Path, intermediate: Path, extra_protected: List[Tuple[str, 
         if source.get("base"):  # relative audio paths start there: a run dir may sit below it, never above
             containers.append(("base dir of the input's relative paths", source["base"]))
     check_overlap(intermediate, protected, (u.path for u in scan.utterances), containers)
-    holder = run_dir.holder()
-    if holder is not None:
-        raise Refused(f"an extraction still runs in it (run {holder.get('run_id')}, host {holder.get('host')}, "
-                      f"pid {holder.get('pid')})")
     verify(final_dir, run_dir)
-    files, dirs = run_dir.pipeline_entries()
-    for path in files:
-        path.unlink()
-    for path in dirs:
-        try:
-            path.rmdir()
-        except OSError:
-            pass  # holds something the pipeline did not write: kept
+    try:  # held while removing: no extraction can start in the dir meanwhile
+        lock = run_dir.claim(f"cleanup-{os.getpid()}")
+    except RunDirBusy as exc:
+        raise Refused(f"an extraction still runs in it ({exc})") from None
+    except RunDirError as exc:
+        raise Refused(str(exc)) from None
+    try:
+        files, dirs = run_dir.pipeline_entries()
+        for path in files:
+            path.unlink()
+        for path in dirs:
+            try:
+                path.rmdir()
+            except OSError:
+                pass  # holds something the pipeline did not write: kept
+    finally:
+        lock.release()
     try:
         intermediate.rmdir()
         return f"removed {intermediate}"

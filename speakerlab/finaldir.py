@@ -66,7 +66,7 @@ def write(target, formats: Sequence[str], keys, matrix, utt_list, speaker_keys, 
 
     ``runs``: ``[{"input_dir", "run_ids"}]`` of the run dirs merged (clean-up checks them).
     """
-    target = Path(target)
+    target = Path(os.path.abspath(target))  # "." and "x/" have a name to build beside
     check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_builds(target)

@@ -302,20 +302,6 @@ class RunDir:
             raise
         return Lock(self.lock_path, fd, [1 + rank])
 
-    def holder(self) -> Optional[dict]:
-        """The lock's content when a live process holds any part of it, else None (for clean-up)."""
-        if not self.lock_path.is_file():
-            return None
-        fd = self._open_lock()
-        try:
-            info = _read_fd(fd)
-            if _try_lock(fd, 0, 0, self.lock_path):
-                _unlock(fd, 0, 0)
-                return None
-            return info or {"run_id": "?"}
-        finally:
-            os.close(fd)
-
     def release(self, lock: Lock) -> None:
         """Release at the end of a job: marked released, so the next job does not call it stale."""
         if lock.fd is not None and 0 in lock.offsets:
