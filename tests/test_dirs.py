@@ -264,6 +264,33 @@ def test_two_runs_into_one_dir_do_not_mix(tmp_path, model):
     assert len(paths) == 4 and all(p.startswith(str(data_y)) for p in paths)
 
 
+@pytest.mark.slow
+def test_a_scan_killed_half_way_leaves_nothing_to_adopt(tmp_path, model):
+    out = tmp_path / "out"
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HOOK)
+    env = dict(os.environ, PYTHONPATH=f"{hook}{os.pathsep}{ROOT}", SPEAKERLAB_TEST_SLOW_SCAN="30")
+    y = subprocess.Popen([str(a) for a in extract_cmd(make_tree(tmp_path / "y", seed=1), out, *model,
+                                                      "--num_workers", "0")],
+                         env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (out / "extract.lock").is_file() or not (out / "extract.lock").read_text():
+        assert time.monotonic() < deadline and y.poll() is None
+        time.sleep(0.1)
+    time.sleep(0.5)
+    y.kill()
+    y.wait()
+    assert not (out / "scan.json").exists()
+    data_x = make_tree(tmp_path / "x", seed=2)
+    r = run_cli(extract_cmd(data_x, out, *model, "--num_workers", "0"))
+    assert r.returncode == 0 and "taking over" in r.stderr, r.stderr[-2000:]
+    r = run_cli(merge_cmd(out, tmp_path / "final"))
+    assert r.returncode == 0, r.stderr
+    paths = [u["path"] for u in json.loads((tmp_path / "final" / "utterance_list.json").read_text())]
+    assert len(paths) == 4 and all(p.startswith(str(data_x)) for p in paths)
+
+
 def test_merge_refuses_ranks_made_from_another_scan(tmp_path, model, capsys, monkeypatch):
     out_x, out_y = tmp_path / "x", tmp_path / "y"
     code, err = run_extract(make_tree(tmp_path / "dx", seed=1), out_x, model, capsys, monkeypatch)
