@@ -57,6 +57,8 @@ def scan_on_rank0(options: ExtractOptions, source: dict, run_dir: RunDir, world:
         run_dir.save_scan(scan)
     for error in scan.errors:
         log.warning("scan: %s: %s", error["path"], error["reason"])
+    if scan.renames:
+        log.warning("scan: %s", data_mod.describe_renames(scan.renames))
     return scan
 
 
