@@ -251,14 +251,14 @@ def phase_ceiling(args) -> dict:
     import torch
     from concurrent.futures import ThreadPoolExecutor
     from speakerlab.config import load_config
-    from speakerlab.embedder import Embedder, default_dtype
+    from speakerlab.embedder import Embedder, resolve_dtype
     from speakerlab.extract import cpu_plan
     from speakerlab.models import load_model
     device = torch.device(args.device)
     _, threads, streams = cpu_plan(-1, 1, device)
     torch.set_num_threads(threads)
     config = load_config(args.config_file)
-    dtype = default_dtype(device) if args.dtype == "auto" else args.dtype
+    dtype = resolve_dtype(args.dtype, device)
     embedder = Embedder(load_model(config, args.model_path), config, device, dtype=dtype)
     frames = 598  # 6 s of audio at 10 ms shift, 25 ms window
     budget = args.ceiling_seconds
@@ -369,7 +369,8 @@ def bench_model(name: str, args, workdir: Path) -> dict:
     for key, extra_args in variants:
         out_dir = workdir / f"pipeline_{name}_{key}"
         best = min(runs[key], key=lambda r: r["wall"])
-        meta = json.loads((out_dir / "rank_00" / "metadata.json").read_text())
+        from speakerlab.rundir import RunDir
+        meta = RunDir(out_dir).read_metadata(0)
         entry = {"x_real_time": info["audio_s"] / best["wall"], "process_wall_s": best["wall"],
                  "all_runs_wall_s": [round(r["wall"], 2) for r in runs[key]],
                  "peak_rss_mib": max(r["rss"] for r in runs[key]), "process_cpu_s": best["cpu_s"],
@@ -378,7 +379,7 @@ def bench_model(name: str, args, workdir: Path) -> dict:
                  "dtype": meta["dtype"], "batch_policy": meta.get("batch_policy"),
                  "command": " ".join(shlex.quote(str(c)) for c in best["cmd"]),
                  "log": [l for l in best["stderr"].splitlines() if "INFO" in l or "WARN" in l][-6:]}
-        entry.update(cosines(ref_out, out_dir / "rank_00" / "embeddings.npz"))
+        entry.update(cosines(ref_out, RunDir(out_dir).rank_embeddings_path(0)))
         result[key] = entry
         print(f"[{name}] ({'b' if key == 'b_pipeline' else 'b baseline'}) pipeline {extra_args!r}: "
               f"{entry['x_real_time']:.1f}x real time ({best['wall']:.1f} s whole process), "
