@@ -466,7 +466,9 @@ def _top(keys: Sequence[str], scores: np.ndarray, keep: np.ndarray, k: int) -> L
 def load_embeddings(final_dir, allow_pickle: bool = False) -> EmbeddingSet:
     """Load a ``merge_embeddings.py`` output dir, checked against its completeness record.
 
-    Reads the pickle-free npz files; a dir that holds only pickles is read only with
+    A dir with the npy set (``--formats npy``) opens as a ``mapped.MappedEmbeddingSet``: the matrix is
+    memory-mapped, records are read on demand, queries run over blocks (same methods). Otherwise
+    reads the pickle-free npz files; a dir that holds only pickles is read only with
     ``allow_pickle=True`` (unpickling can run code: only dirs you trust). Raises ``FileNotFoundError``
     for a missing dir and ``speakerlab.finaldir.FinalDirError`` (a ValueError) for an incomplete or
     altered one.
@@ -477,6 +479,9 @@ def load_embeddings(final_dir, allow_pickle: bool = False) -> EmbeddingSet:
         raise FileNotFoundError(f"{final_dir} is not a directory")
     final = FinalDir.open(final_dir)
     summary = final.summary()
+    if final.has_npy():  # the set that scales: mapped, opened in constant time and memory
+        from speakerlab.mapped import MappedEmbeddingSet
+        return MappedEmbeddingSet(final_dir, final.npy_files(), summary)
     utt_list = {r["key"]: r for r in final.utterance_list()}
     spk_list = {r["key"]: r for r in final.speaker_list()}
     loaded = []

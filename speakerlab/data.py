@@ -59,6 +59,9 @@ class ScanResult:
     # keys changed because two distinct names joined into one key: {level, old, new, dataset, speaker,
     # utterance, path} (see assign_keys); merge lists them in summary.json as key_renames
     renames: List[Dict[str, object]] = field(default_factory=list)
+    # set when read from a scan file: its record (count and keys_sha1 of the whole scan, scan_id, the
+    # shard bounds); ``utterances`` may then be one rank's shard only
+    meta: Dict[str, object] = field(default_factory=dict, compare=False, repr=False)
 
 
 # --- keys ----------------------------------------------------------------------------------
@@ -285,17 +288,6 @@ def keys_digest(utterances) -> str:
     for utt in utterances:
         digest.update(utt.key.encode("utf-8", "surrogatepass") + b"\0")
     return digest.hexdigest()
-
-
-def save_scan(scan: ScanResult, path: Path, **options) -> dict:
-    """The columnar scan file (speakerlab/scanfile.py), written atomically."""
-    from speakerlab import scanfile
-    return scanfile.save(scan, path, **options)
-
-
-def load_scan(path: Path) -> ScanResult:
-    from speakerlab import scanfile
-    return scanfile.load(path)
 
 
 def utterance_record(utt: Utterance) -> Dict[str, object]:

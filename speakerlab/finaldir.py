@@ -6,9 +6,12 @@ every other file with its size and sha256, the counts, and the run id(s) of the 
 merged from. Readers (the API, ``score``, ``report``, ``example_usage.py``, clean-up) open a final dir
 with ``FinalDir.open``, which refuses one whose record is missing or disagrees with the files.
 
-Files (``--formats``): pkl (always) ``utterance_embeddings.pkl``, ``speaker_embeddings.pkl``;
-``utterance_list.json``, ``speaker_list.json``, ``failures.json``, ``summary.json`` (always); npz
-``utterance_embeddings.npz``, ``speaker_embeddings.npz``; kaldi ``xvector.ark/scp``, ``spk_xvector.ark/scp``.
+Files (``--formats``): pkl ``utterance_embeddings.pkl``, ``speaker_embeddings.pkl``,
+``utterance_list.json``, ``speaker_list.json``; npz ``utterance_embeddings.npz``, ``speaker_embeddings.npz``;
+kaldi ``xvector.ark/scp``, ``spk_xvector.ark/scp``; npy (the set that scales: memory-mapped, no pickle)
+``utterance_embeddings.npy`` / ``speaker_embeddings.npy`` (float32, row i <-> line i of
+``utterance_list.jsonl`` / ``speaker_list.jsonl``) and ``utterance_index.npy`` (per row: the byte offset
+of its line in ``utterance_list.jsonl`` and its speaker's row); always ``failures.json``, ``summary.json``.
 """
 import json
 import os
@@ -32,8 +35,18 @@ FAILURES = "failures.json"
 PICKLES = {"utterance": "utterance_embeddings.pkl", "speaker": "speaker_embeddings.pkl"}
 NPZ = {"utterance": "utterance_embeddings.npz", "speaker": "speaker_embeddings.npz"}
 KALDI = {"utterance": ("xvector.ark", "xvector.scp"), "speaker": ("spk_xvector.ark", "spk_xvector.scp")}
+NPY = {"utterance": "utterance_embeddings.npy", "speaker": "speaker_embeddings.npy"}
+NPY_INDEX = "utterance_index.npy"
+JSONL = {"utterance": "utterance_list.jsonl", "speaker": "speaker_list.jsonl"}
+SCRATCH = ".merge-scratch"  # the streamed merge's scratch files, inside the dir being built; gone before the record
 KNOWN = {RECORD, SUMMARY, UTTERANCE_LIST, SPEAKER_LIST, FAILURES, *PICKLES.values(), *NPZ.values(),
-         *(name for pair in KALDI.values() for name in pair)}
+         *(name for pair in KALDI.values() for name in pair), *NPY.values(), NPY_INDEX, *JSONL.values()}
+# the names the streamed merge writes (streammerge.stream_merge)
+STREAM_NAMES = {"scratch": SCRATCH, "npy_matrix": NPY["utterance"], "npy_speaker_matrix": NPY["speaker"],
+                "npy_index": NPY_INDEX, "utterance_jsonl": JSONL["utterance"], "speaker_jsonl": JSONL["speaker"],
+                "utterance_json": UTTERANCE_LIST, "speaker_json": SPEAKER_LIST, "utterance_pkl": PICKLES["utterance"],
+                "speaker_pkl": PICKLES["speaker"], "utterance_npz": NPZ["utterance"], "speaker_npz": NPZ["speaker"],
+                "utterance_kaldi": KALDI["utterance"], "speaker_kaldi": KALDI["speaker"]}
 LEVELS = ("utterance", "speaker")
 
 
@@ -62,11 +75,34 @@ def check_replaceable(target: Path) -> None:
 
 def write(target, formats: Sequence[str], keys, matrix, utt_list, speaker_keys, speaker_matrix, spk_list,
           failures, summary: dict, runs: Sequence[dict] = ()) -> None:
-    """Write a final dir: built beside ``target``, the record last, then swapped in whole.
+    """Write a final dir from data in memory: built beside ``target``, the record last, then swapped in.
 
     ``runs``: ``[{"input_dir", "run_ids"}]`` of the run dirs merged (clean-up checks them).
     """
-    target = Path(os.path.abspath(target))  # "." and "x/" have a name to build beside
+    def produce(build: Path):
+        files = _write_files(build, Path(target), formats, keys, matrix, utt_list, speaker_keys, speaker_matrix,
+                             spk_list, failures, summary)
+        return files, {"utterances": len(keys), "speakers": len(speaker_keys), "failures": len(failures)}
+    _build(Path(target), produce, runs)
+
+
+def write_streamed(target, produce, runs: Sequence[dict] = ()) -> None:
+    """Write a final dir whose data files ``produce(build, STREAM_NAMES)`` writes a block at a time
+    (the streamed merge); it returns (files, summary, failures). Then failures.json, summary.json and
+    the record are written here, and the dir is swapped in whole."""
+    def finish(build: Path):
+        files, summary, failures = produce(build, STREAM_NAMES)
+        shutil.rmtree(build / SCRATCH, ignore_errors=True)
+        atomic_write_json(build / FAILURES, failures)
+        files = files + [FAILURES]
+        summary["files"] = files
+        atomic_write_json(build / SUMMARY, summary)
+        return files + [SUMMARY], {"utterances": summary["total_utterances"], "speakers": summary["total_speakers"],
+                                   "failures": len(failures)}
+    _build(Path(target), finish, runs)
+
+
+def _build(target: Path, produce, runs: Sequence[dict]) -> None:
     check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_builds(target)
@@ -74,12 +110,11 @@ def write(target, formats: Sequence[str], keys, matrix, utt_list, speaker_keys, 
     shutil.rmtree(build, ignore_errors=True)
     try:
         build.mkdir()
-        files = _write_files(build, target, formats, keys, matrix, utt_list, speaker_keys, speaker_matrix,
-                             spk_list, failures, summary)
+        files, counts = produce(build)
         record = {"format": 1, "created": datetime.now(timezone.utc).isoformat(),
                   "files": {name: {"bytes": (build / name).stat().st_size, "sha256": sha256_of(build / name)}
                             for name in files},
-                  "counts": {"utterances": len(keys), "speakers": len(speaker_keys), "failures": len(failures)},
+                  "counts": counts,
                   "run_ids": sorted({i for run in runs for i in run.get("run_ids", [])}),
                   "runs": [dict(run) for run in runs]}
         atomic_write_json(build / RECORD, record)
@@ -207,11 +242,48 @@ class FinalDir:
             self._summary = self._json(SUMMARY)
         return self._summary
 
+    def _lines(self, name: str) -> List[dict]:
+        try:
+            with open(self.path / name, encoding="utf-8") as handle:
+                return [json.loads(line) for line in handle]
+        except (OSError, ValueError) as exc:
+            raise FinalDirError(f"{self.path / name}: unreadable ({exc})") from None
+
     def utterance_list(self) -> List[dict]:
-        return self._json(UTTERANCE_LIST)
+        """The utterance records (``utterance_list.json``, else the npy set's ``.jsonl``)."""
+        return self._json(UTTERANCE_LIST) if self.has(UTTERANCE_LIST) or not self.has(JSONL["utterance"]) \
+            else self._lines(JSONL["utterance"])
 
     def speaker_list(self) -> List[dict]:
-        return self._json(SPEAKER_LIST)
+        return self._json(SPEAKER_LIST) if self.has(SPEAKER_LIST) or not self.has(JSONL["speaker"]) \
+            else self._lines(JSONL["speaker"])
+
+    def has_npy(self) -> bool:
+        """Whether the npy set is here (the files a memory-mapped set opens)."""
+        return all(self.has(name) for name in (*NPY.values(), NPY_INDEX, *JSONL.values()))
+
+    def npy_files(self) -> Dict[str, str]:
+        """The npy set's files by role (``mapped.MappedEmbeddingSet`` opens them)."""
+        return {"matrix": NPY["utterance"], "index": NPY_INDEX, "jsonl": JSONL["utterance"],
+                "speaker_matrix": NPY["speaker"], "speaker_jsonl": JSONL["speaker"]}
+
+    def read_npy(self, level: str = "utterance") -> Tuple[List[str], np.ndarray]:
+        """(keys, the matrix memory-mapped read-only) of the npy set; the keys are read from the list."""
+        path = self.path / NPY[level]
+        try:
+            matrix = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as exc:
+            raise FinalDirError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+        keys = []
+        try:
+            with open(self.path / JSONL[level], encoding="utf-8") as handle:
+                for line in handle:
+                    keys.append(json.loads(line)["key"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise FinalDirError(f"{self.path / JSONL[level]}: unreadable ({exc})") from None
+        if len(keys) != len(matrix):
+            raise FinalDirError(f"{path} has {len(matrix)} rows, {JSONL[level]} {len(keys)} lines")
+        return keys, matrix
 
     def failures(self) -> List[dict]:
         return self._json(FAILURES)
@@ -243,6 +315,9 @@ class FinalDir:
         (only with ``allow_pickle``)."""
         if self.has_npz(level):
             keys, matrix = self.read_npz(level)
+            return keys, matrix, None
+        if self.has(NPY[level]) and self.has(JSONL[level]):
+            keys, matrix = self.read_npy(level)
             return keys, matrix, None
         entries = self.read_pickle(level, allow_pickle)
         keys = sorted(entries)

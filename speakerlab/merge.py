@@ -21,7 +21,7 @@ from speakerlab import stats as stats_mod
 from speakerlab.rundir import METADATA, RunDir, RunDirError, rank_dir_name, scan_fingerprint
 
 log = logging.getLogger("speakerlab")
-FORMATS = ("pkl", "npz", "kaldi")
+FORMATS = ("pkl", "npz", "kaldi", "npy")
 
 
 class MergeError(Exception):
@@ -33,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input_dir", required=True, nargs="+",
                    help="extraction output dir(s) holding rank_XX/ (several: separate runs, same model)")
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--formats", default="pkl,npz",
-                   help="comma list of pkl (the seed's pickles + JSON lists), npz (pickle-free), kaldi (ark/scp)")
+    p.add_argument("--formats", default=None,
+                   help="comma list of pkl (the seed's pickles + JSON lists), npz (pickle-free), kaldi (ark/scp), "
+                        "npy (the set that scales: memory-mapped .npy + .jsonl lists, merged with bounded memory); "
+                        f"default pkl,npz up to {STREAM_ABOVE:,} utterances, npy above")
     p.add_argument("--speaker_mean", choices=["plain", "normalized"], default="plain",
                    help="plain: mean of utterance embeddings (the seed's rule); normalized: mean of L2-normalised ones")
     p.add_argument("--duration_weighted", action="store_true",
@@ -52,12 +54,20 @@ SCAN_FIELDS = ("data_root", "source", "num_utterances", "keys_sha1")
 
 
 def collect_run(input_dir: Path, allow_partial: bool):
-    """Return (scan, [rank metadata], problems) for one extraction output dir."""
+    """Return (scan file, open, [rank metadata], problems) for one extraction output dir."""
     run_dir = RunDir(input_dir)
     if not run_dir.has_scan():
         raise MergeError(f"{input_dir} has no {run_dir.scan_path.name}: is it an extraction output dir?")
-    scan = run_dir.load_scan()  # RunDirError (unreadable): an environment error, exit 1
-    beside = scan_fingerprint(scan)
+    handle = run_dir.open_scan()  # RunDirError (unreadable): an environment error, exit 1
+    try:
+        metas, problems = _collect_ranks(input_dir, run_dir, scan_fingerprint(handle.result([])), allow_partial)
+    except BaseException:
+        handle.close()
+        raise
+    return handle, metas, problems
+
+
+def _collect_ranks(input_dir: Path, run_dir: RunDir, beside: dict, allow_partial: bool):
     ranks: Dict[int, dict] = {}
     problems: List[str] = []
     for rank in run_dir.ranks():
@@ -101,7 +111,7 @@ def collect_run(input_dir: Path, allow_partial: bool):
     if problems and not allow_partial:
         raise MergeError(f"{input_dir}: cannot merge: " + "; ".join(problems) +
                          " (finish those ranks, or pass --allow_partial)")
-    return scan, [ranks[r] for r in sorted(ranks)], problems
+    return [ranks[r] for r in sorted(ranks)], problems
 
 
 def identity(meta: dict) -> dict:
@@ -131,38 +141,164 @@ def check_speaker_keys(utterances) -> None:
 
 
 # --- main ----------------------------------------------------------------------------------
-def merge(input_dirs: List[Path], output_dir: Path, formats: List[str], speaker_mean: str = "plain",
-          duration_weighted: bool = False, allow_partial: bool = False, closest_pairs: int = 20) -> dict:
-    runs = [collect_run(Path(d), allow_partial) for d in input_dirs]
-    first_identity = identity(runs[0][1][0])
-    for directory, (_, metas, _) in zip(input_dirs[1:], runs[1:]):
-        other = identity(metas[0])
-        if other != first_identity:
-            diff = sorted(k for k in first_identity if first_identity[k] != other[k])
-            raise MergeError(f"{directory} was made with different {', '.join(diff)} than {input_dirs[0]}; "
-                             "only runs with the same model and features can be merged")
+STREAM_ABOVE = 2_000_000  # utterances; above it merge streams and writes the npy set by default
 
+
+def choose_formats(formats: Optional[List[str]], total: int) -> List[str]:
+    """The formats asked for, or the default for this size: the seed's pickles + JSON lists and npz up
+    to STREAM_ABOVE utterances, the npy set above (pickles only on request)."""
+    if formats is None:
+        formats = ["npy"] if total > STREAM_ABOVE else ["pkl", "npz"]
+    elif "npy" not in formats and "pkl" not in formats and total <= STREAM_ABOVE:
+        formats = ["pkl"] + list(formats)  # the seed's files come with every small merge
+    return list(formats)
+
+
+def merge(input_dirs: List[Path], output_dir: Path, formats: Optional[List[str]] = None, speaker_mean: str = "plain",
+          duration_weighted: bool = False, allow_partial: bool = False, closest_pairs: int = 20) -> dict:
+    """Merge the run dirs into ``output_dir``. ``formats`` None: the default for the corpus size.
+    With ``npy``, or above STREAM_ABOVE utterances, the merge streams (streammerge.py: memory
+    O(speakers x D)); otherwise it holds everything in memory. Both write the same numbers."""
+    runs = []
+    try:
+        for d in input_dirs:
+            runs.append(collect_run(Path(d), allow_partial))
+        first_identity = identity(runs[0][1][0])
+        for directory, (_, metas, _) in zip(input_dirs[1:], runs[1:]):
+            other = identity(metas[0])
+            if other != first_identity:
+                diff = sorted(k for k in first_identity if first_identity[k] != other[k])
+                raise MergeError(f"{directory} was made with different {', '.join(diff)} than {input_dirs[0]}; "
+                                 "only runs with the same model and features can be merged")
+        total = sum((m.get("counts") or {}).get("embedded", 0) for _, metas, _ in runs for m in metas)
+        formats = choose_formats(formats, total)
+        if "npy" in formats or total > STREAM_ABOVE:
+            return merge_streamed(input_dirs, runs, output_dir, formats, speaker_mean, duration_weighted,
+                                  closest_pairs)
+        return merge_in_memory(input_dirs, runs, output_dir, formats, speaker_mean, duration_weighted,
+                               closest_pairs)
+    finally:
+        for handle, _, _ in runs:
+            handle.close()
+
+
+def run_summary(input_dirs, runs, pieces: dict, formats, speaker_mean, duration_weighted) -> dict:
+    """summary.json, from what either merge computed (``pieces``)."""
+    meta0 = runs[0][1][0]
+    return {
+        "total_utterances": pieces["utterances"],
+        "total_speakers": pieces["speakers"],
+        "embedding_dimension": int(pieces["dim"]),
+        "total_duration_s": round(float(pieces["total_duration_s"]), 3),
+        "total_input_files": pieces["inputs"],
+        "failures": pieces["failures"],
+        "scan_errors": len(pieces["scan_errors"]),
+        "key_renames": pieces["key_renames"],
+        "ignored_files": pieces["ignored"],
+        "datasets": dict(sorted(pieces["datasets"].items())),
+        "speaker_mean": {"rule": speaker_mean, "duration_weighted": duration_weighted},
+        "speaker_statistics": stats_mod.summary_block(pieces["counts"], pieces["stats_view"]),
+        "closest_speaker_pairs": pieces["closest_speaker_pairs"],
+        "model": meta0["model"],
+        "features": meta0["fingerprint"]["features"],
+        "dtype": meta0["fingerprint"]["dtype"],
+        "channels": meta0["fingerprint"]["channels"],
+        "max_chunk_s": meta0["fingerprint"]["max_chunk_s"],
+        "runs": [{"input_dir": str(Path(d).absolute()), "data_root": scan.meta["data_root"],
+                  "source": scan.meta.get("source"), "world_size": metas[0]["world_size"],
+                  "ranks_merged": [m["rank"] for m in metas],
+                  "started": min(m["started"] for m in metas), "finished": max(m["finished"] for m in metas),
+                  "command": metas[0]["command"], "devices": sorted({m["device"] for m in metas}),
+                  "batch_policy": metas[0].get("batch_policy"), "versions": metas[0].get("versions"),
+                  "run_ids": sorted({m.get("run_id") or "" for m in metas})}
+                 for d, (scan, metas, _) in zip(input_dirs, runs)],
+        "partial": bool(pieces["problems"]),
+        "problems": pieces["problems"],
+        "formats": formats,
+        "merge_command": sys.argv,
+        "created": datetime.now(timezone.utc).isoformat(),
+    }
+
+
+def _run_facts(input_dirs, runs):
+    """Problems, scan errors, key renames and ignored files of the runs (from the scans' records)."""
+    problems, scan_errors, key_renames, ignored = [], [], [], {}
+    for directory, (scan, _, run_problems) in zip(input_dirs, runs):
+        problems += [f"{directory}: {p}" for p in run_problems]
+        scan_errors += [{"key": None, **error} for error in scan.meta.get("errors", [])]
+        key_renames += scan.meta.get("renames", [])
+        for reason, count in scan.meta.get("ignored", {}).items():
+            ignored[reason] = ignored.get(reason, 0) + count
+    return problems, scan_errors, key_renames, ignored
+
+
+def _merged_from(input_dirs, runs) -> List[dict]:
+    return [{"input_dir": str(Path(d).absolute()), "run_ids": sorted({m.get("run_id") or "" for m in metas})}
+            for d, (_, metas, _) in zip(input_dirs, runs)]
+
+
+def merge_streamed(input_dirs, runs, output_dir: Path, formats, speaker_mean, duration_weighted,
+                   closest_pairs) -> dict:
+    """The merge in passes over blocks (streammerge.py): memory O(speakers x D) plus a block."""
+    from speakerlab import streammerge
+    problems, scan_errors, key_renames, ignored = _run_facts(input_dirs, runs)
+    ranks, failures = [], []
+    for directory, (scan, metas, _) in zip(input_dirs, runs):
+        run_dir = RunDir(directory)
+
+        def row_of(keys, scan=scan):  # only for rank files of earlier versions (keys, no scan rows)
+            wanted, found = set(keys), {}
+            for first in range(0, scan.count, scan.group_rows):
+                for i, utt in enumerate(scan.rows(first, first + scan.group_rows)):
+                    if utt.key in wanted:
+                        found[utt.key] = first + i
+            return found
+        ranks.append([run_dir.read_rank_results(meta["rank"], row_of) for meta in metas])
+        failures += [f for results in ranks[-1] for f in results.failures]
+    holder = {}
+
+    def produce(build: Path, names: dict):
+        try:
+            pieces = streammerge.stream_merge([scan for scan, _, _ in runs], ranks, build, output_dir, formats, names,
+                                              speaker_mean, duration_weighted, closest_pairs,
+                                              failure_keys={f["key"] for f in failures})
+        except streammerge.StreamMergeError as exc:
+            raise MergeError(str(exc)) from None
+        if pieces["inputs"] != pieces["utterances"] + len(failures) and not problems:
+            raise MergeError(f"accounting error: {pieces['inputs']} inputs but {pieces['utterances']} embedded + "
+                             f"{len(failures)} failed")
+        pieces.update(failures=len(failures), scan_errors=scan_errors, key_renames=key_renames, ignored=ignored,
+                      problems=problems)
+        summary = run_summary(input_dirs, runs, pieces, formats, speaker_mean, duration_weighted)
+        if pieces["kaldi_renamed_keys"]:
+            summary["kaldi_renamed_keys"] = pieces["kaldi_renamed_keys"]
+        holder["summary"] = summary
+        return pieces["files"], summary, sorted(failures, key=lambda f: f["path"]) + scan_errors
+
+    try:
+        finaldir.write_streamed(output_dir, produce, _merged_from(input_dirs, runs))
+    finally:
+        for results in (r for run in ranks for r in run):
+            results.close()
+    return holder["summary"]
+
+
+def merge_in_memory(input_dirs, runs, output_dir: Path, formats, speaker_mean, duration_weighted,
+                    closest_pairs) -> dict:
+    """Everything in memory: for corpora up to STREAM_ABOVE utterances."""
+    problems, scan_errors, key_renames, ignored = _run_facts(input_dirs, runs)
     utterances: Dict[str, data_mod.Utterance] = {}
     keys: List[str] = []
     blocks: List[np.ndarray] = []
     extra: Dict[str, dict] = {}
     failures: List[dict] = []
-    ignored: Dict[str, int] = {}
-    problems: List[str] = []
-    scan_errors: List[dict] = []
-    key_renames: List[dict] = []
-    for directory, (scan, metas, run_problems) in zip(input_dirs, runs):
-        problems += [f"{directory}: {p}" for p in run_problems]
-        scan_errors += [{"key": None, **error} for error in scan.errors]
-        key_renames += scan.renames
-        for reason, count in scan.ignored.items():
-            ignored[reason] = ignored.get(reason, 0) + count
-        for utt in scan.utterances:
+    for directory, (scan, metas, _) in zip(input_dirs, runs):
+        for utt in scan.rows():
             if utt.key in utterances and utterances[utt.key].path != utt.path:
                 raise MergeError(f"key {utt.key} appears in two runs: {utterances[utt.key].path} and {utt.path}")
             utterances[utt.key] = utt
         for meta in metas:
-            rank_keys, matrix, rank_failures, rank_extra = RunDir(directory).read_rank_results(meta["rank"])
+            rank_keys, matrix, rank_failures, rank_extra = RunDir(directory).read_rank_arrays(meta["rank"])
             extra.update(rank_extra)
             keys += rank_keys
             blocks.append(matrix)
@@ -217,7 +353,6 @@ def merge(input_dirs: List[Path], output_dir: Path, formats: List[str], speaker_
                          "min_cosine": round(float(stats["min_cosine"][index]), 4),
                          "outliers": stats["outliers"][index]})
 
-    meta0 = runs[0][1][0]
     datasets: Dict[str, dict] = {}
     for record in utt_list:
         entry = datasets.setdefault(record["dataset"], {"utterances": 0, "speakers": 0, "duration_s": 0.0,
@@ -234,63 +369,32 @@ def merge(input_dirs: List[Path], output_dir: Path, formats: List[str], speaker_
     for entry in datasets.values():
         entry["duration_s"] = round(entry["duration_s"], 3)
     failures.sort(key=lambda f: f["path"])
-    summary = {
-        "total_utterances": len(keys),
-        "total_speakers": len(speaker_keys),
-        "embedding_dimension": int(dim),
-        "total_duration_s": round(float(durations.sum()), 3),
-        "total_input_files": len(utterances),
-        "failures": len(failures),
-        "scan_errors": len(scan_errors),
-        "key_renames": key_renames,
-        "ignored_files": ignored,
-        "datasets": dict(sorted(datasets.items())),
-        "speaker_mean": {"rule": speaker_mean, "duration_weighted": duration_weighted},
-        "speaker_statistics": stats_mod.summary_block(counts, stats),
-        "closest_speaker_pairs": [[speaker_keys[i], speaker_keys[j], round(min(cos, 1.0), 4)] for i, j, cos in pairs],
-        "model": meta0["model"],
-        "features": meta0["fingerprint"]["features"],
-        "dtype": meta0["fingerprint"]["dtype"],
-        "channels": meta0["fingerprint"]["channels"],
-        "max_chunk_s": meta0["fingerprint"]["max_chunk_s"],
-        "runs": [{"input_dir": str(Path(d).absolute()), "data_root": scan.data_root, "source": scan.source,
-                  "world_size": metas[0]["world_size"], "ranks_merged": [m["rank"] for m in metas],
-                  "started": min(m["started"] for m in metas), "finished": max(m["finished"] for m in metas),
-                  "command": metas[0]["command"], "devices": sorted({m["device"] for m in metas}),
-                  "batch_policy": metas[0].get("batch_policy"), "versions": metas[0].get("versions")}
-                 for d, (scan, metas, _) in zip(input_dirs, runs)],
-        "partial": bool(problems),
-        "problems": problems,
-        "formats": formats,
-        "merge_command": sys.argv,
-        "created": datetime.now(timezone.utc).isoformat(),
-    }
+    pieces = {"utterances": len(keys), "speakers": len(speaker_keys), "dim": dim,
+              "total_duration_s": float(durations.sum()), "inputs": len(utterances), "failures": len(failures),
+              "scan_errors": scan_errors, "key_renames": key_renames, "ignored": ignored, "datasets": datasets,
+              "counts": counts, "stats_view": stats, "problems": problems,
+              "closest_speaker_pairs": [[speaker_keys[i], speaker_keys[j], round(min(cos, 1.0), 4)]
+                                        for i, j, cos in pairs]}
+    summary = run_summary(input_dirs, runs, pieces, formats, speaker_mean, duration_weighted)
     if len(utterances) != len(keys) + len(failures) and not problems:
         raise MergeError(f"accounting error: {len(utterances)} inputs but {len(keys)} embedded + "
                          f"{len(failures)} failed")
-
-    merged_from = [{"input_dir": str(Path(d).absolute()), "run_ids": sorted({m.get("run_id") or "" for m in metas})}
-                   for d, (_, metas, _) in zip(input_dirs, runs)]
-    for run, merged in zip(summary["runs"], merged_from):
-        run["run_ids"] = merged["run_ids"]
     finaldir.write(output_dir, formats, keys, matrix, utt_list, speaker_keys, speaker_matrix, spk_list,
-                   failures + scan_errors, summary, merged_from)
+                   failures + scan_errors, summary, _merged_from(input_dirs, runs))
     return summary
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
-    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    unknown = [f for f in formats if f not in FORMATS]
+    formats = None if args.formats is None else [f.strip() for f in args.formats.split(",") if f.strip()]
+    unknown = [f for f in formats or [] if f not in FORMATS]
     if unknown:
         print(f"error: unknown format(s) {unknown}; choose from {', '.join(FORMATS)}", file=sys.stderr)
         return 2
     if args.closest_pairs < 0:
         print("error: --closest_pairs must be >= 0", file=sys.stderr)
         return 2
-    if "pkl" not in formats:
-        formats.insert(0, "pkl")  # the seed's files are always written
     try:
         finaldir.check_replaceable(Path(args.output_dir))  # before the work, not after it
         summary = merge([Path(d) for d in args.input_dir], Path(args.output_dir), formats, args.speaker_mean,
@@ -307,6 +411,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     log.info("merged %d utterances of %d speakers (%d failed) into %s", summary["total_utterances"],
              summary["total_speakers"], summary["failures"], args.output_dir)
+    if "npy" in summary["formats"]:
+        log.info("wrote %s; load with speakerlab.load_embeddings(%r) (memory-mapped), or "
+                 "np.load(.../%s, mmap_mode='r'): row i is line i of %s",
+                 ", ".join(summary["files"]), str(args.output_dir), finaldir.NPY["utterance"],
+                 finaldir.JSONL["utterance"])
     if summary["failures"]:
         log.warning("%d input files were not embedded: see %s", summary["failures"],
                     Path(args.output_dir) / finaldir.FAILURES)

@@ -39,12 +39,15 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from speakerlab import data as data_mod
-from speakerlab.store import (atomic_write_json, atomic_write_npz, atomic_write_pickle, is_temp_name, read_json,
+from speakerlab import scanfile
+from speakerlab.store import (atomic_write_json, atomic_write_npz, is_temp_name, read_json,
                               remove_temp_files)
 
 log = logging.getLogger("speakerlab")
 
-SCAN = "scan.json"
+SCAN = "scan.npz"
+WALK = "scan.walk.npz"          # the walked files before their headers are read (shared header reads)
+HEADERS = "scan.headers"        # + _XX.npz: rank XX's share of the header reads
 READY = "scan.ready.json"
 LOCK = "extract.lock"
 METADATA = "metadata.json"
@@ -54,6 +57,7 @@ PARTS = "parts"
 JOURNAL = "decoding"
 _RANK_DIR = re.compile(r"rank_(\d+)")
 _PART = re.compile(r"part_\d{6}\.npz(\.damaged)?")
+_HEADER_FILE = re.compile(re.escape(HEADERS) + r"_\d+\.npz")
 
 
 class RunDirError(Exception):
@@ -74,15 +78,15 @@ def new_run_id(job: Optional[str] = None) -> str:
     return f"{job}-{stamp}" if job else stamp
 
 
-def keys_digest(utterances) -> str:
-    digest = hashlib.sha1()
-    for utt in utterances:
-        digest.update(utt.key.encode("utf-8", "surrogatepass") + b"\0")
-    return digest.hexdigest()
+keys_digest = data_mod.keys_digest
 
 
 def scan_fingerprint(scan: data_mod.ScanResult) -> dict:
-    """What a rank's results depend on in the scan; merge checks ranks against the scan beside them."""
+    """What a rank's results depend on in the scan (of the whole scan, also when ``scan`` holds one
+    rank's shard: its file's record says); merge checks ranks against the scan beside them."""
+    if scan.meta.get("keys_sha1"):
+        return {"data_root": scan.data_root, "source": scan.source, "num_utterances": int(scan.meta["count"]),
+                "keys_sha1": scan.meta["keys_sha1"]}
     return {"data_root": scan.data_root, "source": scan.source, "num_utterances": len(scan.utterances),
             "keys_sha1": keys_digest(scan.utterances)}
 
@@ -209,21 +213,46 @@ class RunDir:
                 pass
 
     # --- the scan ---
-    def load_scan(self) -> data_mod.ScanResult:
-        try:
-            return data_mod.load_scan(self.scan_path)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
-            raise RunDirError(f"{self.scan_path} is unreadable ({reason}); it was cut short or damaged: "
-                              "rerun with --overwrite to scan again") from None
+    def _unreadable(self, path: Path, exc: Exception) -> RunDirError:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+        return RunDirError(f"{path} is unreadable ({reason}); it was cut short or damaged: "
+                           "rerun with --overwrite to scan again")
 
-    def save_scan(self, scan: data_mod.ScanResult) -> None:
-        """Write scan.json whole or not at all (a temp dir beside it is removed whatever happens)."""
+    def load_scan(self) -> data_mod.ScanResult:
+        """The whole scan (every row in memory)."""
+        try:
+            return scanfile.load(self.scan_path)
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
+            raise self._unreadable(self.scan_path, exc) from None
+
+    def open_scan(self, path: Optional[Path] = None) -> "scanfile.ScanFile":
+        """The scan file, open: its record at once, rows on demand (``rows``, ``shard``)."""
+        path = path or self.scan_path
+        try:
+            return scanfile.ScanFile(path)
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
+            raise self._unreadable(path, exc) from None
+
+    def load_shard(self, rank: int, world: int) -> data_mod.ScanResult:
+        """Rank ``rank``'s rows of the scan, with the record of the whole scan (``meta``)."""
+        with self.open_scan() as handle:
+            try:
+                return handle.shard(rank, world)
+            except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
+                raise self._unreadable(self.scan_path, exc) from None
+
+    def save_scan(self, scan: data_mod.ScanResult, world: Optional[int] = None) -> dict:
+        """Write the scan file whole or not at all, cut into contiguous shards for ``world`` ranks
+        (``data.shard_bounds``); returns its record."""
         tmp = self.path / f".scan.tmp{os.getpid()}"
         try:
             tmp.mkdir(exist_ok=True)
-            data_mod.save_scan(scan, tmp / SCAN)
+            shard = None
+            if world is not None:
+                shard = (world, data_mod.shard_bounds([u.duration for u in scan.utterances], world))
+            meta = scanfile.save(scan, tmp / SCAN, shard=shard)
             os.replace(tmp / SCAN, self.scan_path)
+            return meta
         except OSError as exc:  # named by the file it was writing, not by the temp dir
             raise OSError(exc.errno, exc.strerror or str(exc), str(self.scan_path)) from None
         finally:
@@ -231,6 +260,26 @@ class RunDir:
 
     def remove_scan(self) -> None:
         self.scan_path.unlink(missing_ok=True)
+
+    # --- header reads shared by the ranks ---
+    @property
+    def walk_path(self) -> Path:
+        return self.path / WALK
+
+    def header_path(self, rank: int) -> Path:
+        return self.path / f"{HEADERS}_{rank:02d}.npz"
+
+    def save_walk(self, scan: data_mod.ScanResult) -> None:
+        """The walked files (no headers yet), for the ranks to share the header reads."""
+        try:
+            scanfile.save(scan, self.walk_path, headers_read=False)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(self.walk_path)) from None
+
+    def remove_walk(self, world: int) -> None:
+        self.walk_path.unlink(missing_ok=True)
+        for rank in range(world):
+            self.header_path(rank).unlink(missing_ok=True)
 
     # --- rank 0's published outcome (no process group) ---
     def read_ready(self) -> Optional[dict]:
@@ -335,18 +384,29 @@ class RunDir:
             return None
 
     def check_rank_outputs(self, rank: int, meta: dict) -> str:
-        """'' when a complete rank's final files are there and readable, else what is wrong."""
+        """'' when a complete rank's final files are there and readable, else what is wrong (reads
+        the npz's table of contents and its failures, not its embeddings)."""
         path = self.rank_dir(rank) / EMBEDDINGS
         if not path.is_file():
             return f"{path} is missing"
         try:
-            keys, matrix, failures = read_embeddings_npz(path)
+            from speakerlab.npyfile import MappedNpy
+            with np.load(path, allow_pickle=False) as data:
+                failures = json.loads(str(data["failures"])) if "failures" in data.files else []
+                members = set(data.files)
+            shapes = {}
+            for name in ("keys", "embeddings", "rows"):
+                if name in members:
+                    mapped = MappedNpy.member(path, name)
+                    shapes[name] = mapped.shape
+                    mapped.close()
         except Exception as exc:  # a damaged zip raises several kinds of errors
             return f"{path} is unreadable ({type(exc).__name__}: {exc})"
         counts = meta.get("counts") or {}
-        if len(keys) != counts.get("embedded") or len(failures) != counts.get("failed") or \
-                matrix.shape[0] != len(keys):
-            return f"{path} disagrees with {METADATA} ({len(keys)} embedded, {len(failures)} failed)"
+        embedded = shapes.get("keys", (None,))[0]
+        if embedded != counts.get("embedded") or len(failures) != counts.get("failed") or \
+                shapes.get("embeddings", (None,))[0] != embedded or shapes.get("rows", (embedded,))[0] != embedded:
+            return f"{path} disagrees with {METADATA} ({embedded} embedded, {len(failures)} failed)"
         return ""
 
     def missing_rank_pickles(self, rank: int) -> List[str]:
@@ -354,14 +414,30 @@ class RunDir:
         return [name for name in RANK_PICKLES if not (self.rank_dir(rank) / name).is_file()]
 
     def rank_embeddings_path(self, rank: int) -> Path:
-        """A complete rank's npz (keys, embeddings, failures, extra; no pickle)."""
+        """A complete rank's npz (keys, scan rows, embeddings, seconds, chunks, failures; no pickle)."""
         return self.rank_dir(rank) / EMBEDDINGS
 
-    def read_rank_results(self, rank: int):
-        """(keys, matrix, failures, extra) of a complete rank."""
+    def read_rank_results(self, rank: int, row_of=None):
+        """A complete rank's results as ``streammerge.RankResults`` (members mapped, nothing loaded);
+        ``row_of(keys)`` -> {key: scan row} is needed only for an npz of an earlier version."""
+        from speakerlab import rankout
+        return rankout.read_rank_results(self.rank_dir(rank) / EMBEDDINGS, row_of)
+
+    def read_rank_arrays(self, rank: int):
+        """(keys, matrix, failures, extra) of a complete rank, in memory (the in-memory merge)."""
         path = self.rank_dir(rank) / EMBEDDINGS
         keys, matrix, failures = read_embeddings_npz(path)
-        return keys, matrix, failures, read_extra(path)
+        with np.load(path, allow_pickle=False) as data:
+            if "seconds" in data.files:
+                extra = {}
+                for key, seconds, chunks in zip(keys, data["seconds"].tolist(), data["chunks"].tolist()):
+                    entry = {} if seconds != seconds else {"seconds": seconds}
+                    if chunks > 1:
+                        entry["chunks"] = chunks
+                    extra[key] = entry
+            else:
+                extra = json.loads(str(data["extra"])) if "extra" in data.files else {}
+        return keys, matrix, failures, extra
 
     def run_ids(self) -> List[str]:
         """The run ids that wrote this dir's ranks (sorted); a rank without one counts as ''."""
@@ -374,7 +450,8 @@ class RunDir:
             return [p for p in folder.iterdir()
                     if (keep(p.name) or is_temp_name(p.name)) and p.is_file() and not p.is_symlink()]
 
-        files = plain_files(self.path, lambda name: name in (SCAN, READY, LOCK))
+        files = plain_files(self.path, lambda name: name in (SCAN, READY, LOCK, WALK) or
+                            bool(_HEADER_FILE.fullmatch(name)))
         dirs = []
         for rank in self.ranks():
             rank_dir = self.rank_dir(rank)
@@ -414,19 +491,22 @@ def read_extra(path: Path) -> Dict[str, dict]:
 
 
 class RankStore:
-    """Append-only store of one rank's results, flushed in atomic parts."""
+    """One rank's results, flushed in atomic parts. Memory holds the part being filled (and the
+    keys done, for resuming), never the rank's embeddings: ``finalize`` writes the rank's npz from
+    the parts a block at a time (``rankout``)."""
 
     def __init__(self, output_dir: Path, rank: int):
         self.dir = Path(output_dir) / rank_dir_name(rank)
         self.parts_dir = self.dir / PARTS
         self.metadata_path = self.dir / METADATA
-        self.keys: List[str] = []
-        self.embeddings: List[np.ndarray] = []
-        self.failures: List[dict] = []
-        self.extra: Dict[str, dict] = {}   # per-utterance info recorded at embedding time
-        self._pending = 0
-        self._flushed_keys = 0       # entries below these indices are on disk already
-        self._flushed_failures = 0
+        self.failures: List[dict] = []      # all of the rank's failures (they go into its metadata)
+        self.embedded = 0                   # embeddings added, flushed or not
+        self.dim: Optional[int] = None
+        self._done: set = set()             # keys embedded (flushed or not)
+        self._keys: List[str] = []          # the part being filled
+        self._embeddings: List[np.ndarray] = []
+        self._extra: Dict[str, dict] = {}
+        self._new_failures: List[dict] = []
         self._part_index = 0
         self._last_flush = time.monotonic()
 
@@ -444,94 +524,94 @@ class RankStore:
     def wipe(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def _parts(self) -> List[Path]:
+        return sorted(self.parts_dir.glob("part_*.npz")) if self.parts_dir.is_dir() else []
+
     def load_parts(self) -> None:
-        """Load what earlier (possibly killed) runs flushed; leftover temp files are ignored."""
-        if not self.parts_dir.is_dir():
-            return
-        for part in sorted(self.parts_dir.glob("part_*.npz")):
+        """Take in what earlier (possibly killed) runs flushed: keys and failures, not embeddings."""
+        for part in self._parts():
             self._part_index = max(self._part_index, int(part.stem.split("_")[1]))
             try:
-                keys, matrix, failures = read_embeddings_npz(part)
-                extra = read_extra(part)
+                with np.load(part, allow_pickle=False) as data:
+                    keys = [str(k) for k in data["keys"]]
+                    dim = data["embeddings"].shape[1] if data["embeddings"].ndim == 2 else None
+                    failures = json.loads(str(data["failures"])) if "failures" in data.files else []
             except Exception as exc:  # parts are renamed into place whole; this is a storage fault
                 log.warning("%s is damaged (%s): its utterances will be redone", part, exc)
                 os.replace(part, part.with_name(part.name + ".damaged"))
                 continue
-            self.keys.extend(keys)
-            self.embeddings.extend(matrix)
+            new = [k for k in keys if k not in self._done]
+            self._done.update(new)
+            self.embedded += len(new)
             self.failures.extend(failures)
-            self.extra.update(extra)
-        self._flushed_keys = len(self.keys)
-        self._flushed_failures = len(self.failures)
-
-    def load_final(self) -> None:
-        """Load a complete rank's results from its npz (to rewrite its other final files)."""
-        path = self.dir / EMBEDDINGS
-        keys, matrix, failures = read_embeddings_npz(path)
-        self.keys, self.embeddings, self.failures = keys, list(matrix), failures
-        self.extra = read_extra(path)
-        self._flushed_keys, self._flushed_failures, self._pending = len(self.keys), len(self.failures), 0
+            if keys and dim:
+                self.dim = int(dim)
 
     def done_keys(self) -> set:
-        return set(self.keys) | {f["key"] for f in self.failures}
+        return self._done | {f["key"] for f in self.failures}
 
     # --- appending -----------------------------------------------------------------------
     def add(self, key: str, embedding: np.ndarray, extra: Optional[dict] = None) -> None:
         if extra:
-            self.extra[key] = extra
-        self.embeddings.append(embedding)
-        self.keys.append(key)  # last: an interrupted add leaves at most an extra embedding (repair)
-        self._pending += 1
+            self._extra[key] = extra
+        self._embeddings.append(embedding)
+        self._keys.append(key)  # last: an interrupted add leaves at most an extra embedding (repair)
+        self._done.add(key)
+        self.embedded += 1
+        self.dim = int(np.asarray(embedding).shape[0])
 
     def repair(self) -> None:
         """Undo a half-done ``add`` (an exception raised asynchronously, e.g. from a signal handler)."""
-        del self.embeddings[len(self.keys):]
+        del self._embeddings[len(self._keys):]
 
     def fail(self, failure: dict) -> None:
         self.failures.append(failure)
-        self._pending += 1
+        self._new_failures.append(failure)
+
+    @property
+    def _pending(self) -> int:
+        return len(self._keys) + len(self._new_failures)
 
     def maybe_flush(self, every: int, seconds: float) -> None:
         if self._pending and (self._pending >= every or time.monotonic() - self._last_flush >= seconds):
             self.flush()
 
     def flush(self) -> None:
+        """Write the part being filled (atomically) and start an empty one."""
         if not self._pending:
             return
         self.parts_dir.mkdir(parents=True, exist_ok=True)
-        new_keys = self.keys[self._flushed_keys:]
-        new_failures = self.failures[self._flushed_failures:]
-        keys, matrix = embedding_arrays(new_keys, self.embeddings[self._flushed_keys:])
+        keys, matrix = embedding_arrays(self._keys, self._embeddings[:len(self._keys)], self.dim)
         self._part_index += 1
         atomic_write_npz(self.parts_dir / f"part_{self._part_index:06d}.npz", keys=keys, embeddings=matrix,
-                         failures=np.array(json.dumps(new_failures, ensure_ascii=False)),
-                         extra=np.array(json.dumps({k: self.extra[k] for k in new_keys if k in self.extra},
+                         failures=np.array(json.dumps(self._new_failures, ensure_ascii=False)),
+                         extra=np.array(json.dumps({k: self._extra[k] for k in self._keys if k in self._extra},
                                                    ensure_ascii=False)))
-        self._flushed_keys = len(self.keys)
-        self._flushed_failures = len(self.failures)
-        self._pending = 0
+        self._keys, self._embeddings, self._extra, self._new_failures = [], [], {}, []
         self._last_flush = time.monotonic()
 
     # --- completion ----------------------------------------------------------------------
-    def finalize(self, utterances: Dict[str, "object"], metadata: dict) -> None:
-        """Write the rank's final files, then mark it complete and drop the parts."""
-        keys, matrix = embedding_arrays(self.keys, self.embeddings, metadata.get("embedding_dimension"))
-        atomic_write_npz(self.dir / EMBEDDINGS, keys=keys, embeddings=matrix,
-                         failures=np.array(json.dumps(self.failures, ensure_ascii=False)),
-                         extra=np.array(json.dumps(self.extra, ensure_ascii=False)))
-        per_utt, per_spk = {}, {}
-        for key, emb in zip(self.keys, self.embeddings):
-            utt = utterances[key]
-            per_utt[key] = {"embedding": emb, "dataset": utt.dataset, "speaker_id": utt.speaker,
-                            "utterance_id": utt.utterance, "path": utt.path}
-            per_spk.setdefault(utt.speaker_key, []).append(key)
-        speakers = {}
-        for spk_key, members in sorted(per_spk.items()):
-            first = per_utt[members[0]]
-            mean = np.mean(np.stack([per_utt[k]["embedding"] for k in members]).astype(np.float64), axis=0)
-            speakers[spk_key] = {"embedding": mean.astype(np.float32), "dataset": first["dataset"],
-                                 "speaker_id": first["speaker_id"], "num_utterances": len(members)}
-        atomic_write_pickle(self.dir / RANK_PICKLES[0], dict(sorted(per_utt.items())))
-        atomic_write_pickle(self.dir / RANK_PICKLES[1], speakers)
+    def finalize(self, utterances: Dict[str, "object"], metadata: dict, first_row: int = 0,
+                 shard: Optional[List] = None) -> dict:
+        """Write the rank's npz from its parts (in scan-row order: ``first_row`` is the scan row of
+        ``shard[0]``, the shard being contiguous), then its pickles, then the metadata marked with the
+        counts; drop the parts. Returns the counts."""
+        from speakerlab import rankout
+        self.flush()
+        shard = shard if shard is not None else list(utterances.values())
+        row_of = {u.key: first_row + i for i, u in enumerate(shard)}
+        written = rankout.write_rank_npz(self._parts(), row_of, self.dir / EMBEDDINGS, self.dim)
+        del row_of
+        metadata.update({"embedding_dimension": written["dim"] or metadata.get("embedding_dimension"),
+                         "audio_seconds": round(written["audio_seconds"], 3), "failures": written["failures"]})
+        metadata.setdefault("counts", {}).update({"embedded": written["embedded"], "failed": written["failed"]})
+        self.rewrite_pickles(utterances)
         atomic_write_json(self.metadata_path, metadata)
         shutil.rmtree(self.parts_dir, ignore_errors=True)
+        return written
+
+    def rewrite_pickles(self, utterances: Dict[str, "object"]) -> None:
+        """The seed's per-rank pickles, from the rank's npz (a block at a time)."""
+        from speakerlab import rankout
+        rankout.write_rank_pickles(self.dir / EMBEDDINGS, utterances, self.dir / RANK_PICKLES[0],
+                                   self.dir / RANK_PICKLES[1])

@@ -218,7 +218,14 @@ class ScanFile:
         return ScanResult(meta["data_root"], self.rows() if utterances is None else utterances,
                           meta.get("ignored", {}), meta.get("ignored_examples", []),
                           meta.get("source") or {"type": "tree", "path": meta["data_root"]},
-                          meta.get("errors", []), meta.get("renames", []))
+                          meta.get("errors", []), meta.get("renames", []), dict(meta))
+
+    def shard(self, rank: int, world: int) -> ScanResult:
+        """Rank ``rank``'s rows (``meta["shard_bounds"]``, cut for ``world`` ranks) as a ScanResult."""
+        if self.meta.get("shard_world") != world:
+            raise ValueError(f"the scan was cut into shards for {self.meta.get('shard_world')} ranks, not {world}")
+        bounds = self.meta["shard_bounds"]
+        return self.result(self.rows(bounds[rank], bounds[rank + 1]))
 
 
 def load(path) -> ScanResult:
@@ -263,3 +270,5 @@ def apply_headers(rows: Sequence[Utterance], columns: Dict[str, object]) -> None
         utt.num_samples = int(columns["samples"][i])
         utt.channels = int(columns["chan"][i])
         utt.header_error = columns["err"][i]
+
+

@@ -45,6 +45,11 @@ class RankResults:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def close(self) -> None:
+        for part in (self.rows, self.matrix, self.seconds, self.chunks):
+            if isinstance(part, MappedNpy):
+                part.close()
+
 
 def _array(source) -> np.ndarray:
     return source.array if isinstance(source, MappedNpy) else np.asarray(source)
@@ -56,11 +61,13 @@ def _block(source, start: int, stop: int) -> np.ndarray:
 
 @dataclass
 class Block:
-    """Rows of the merged stream: utterances (scan records), embeddings, seconds, chunks."""
+    """Rows of the merged stream: utterances (scan records), embeddings, seconds, chunks; ``others``:
+    the scan's records in the same range that were not embedded (failed, or in a missing rank)."""
     utts: list
     matrix: np.ndarray
     seconds: np.ndarray
     chunks: np.ndarray
+    others: list = field(default_factory=list)
 
 
 def run_blocks(scan, ranks: Sequence[RankResults], run: int, block_rows: int) -> Iterator[Block]:
@@ -78,6 +85,8 @@ def run_blocks(scan, ranks: Sequence[RankResults], run: int, block_rows: int) ->
             if isinstance(rank.rows, MappedNpy):
                 rank.rows.release(lo, hi)
         if not pieces:
+            yield Block([], np.zeros((0, _dim(ranks)), np.float32), np.zeros(0), np.zeros(0, np.int64),
+                        scan.rows(start, stop))
             continue
         rows = np.concatenate([p[0] for p in pieces])
         order = np.argsort(rows, kind="stable")
@@ -85,9 +94,20 @@ def run_blocks(scan, ranks: Sequence[RankResults], run: int, block_rows: int) ->
         if len(rows) > 1 and (np.diff(rows) == 0).any():
             raise StreamMergeError(f"run {run}: an utterance was embedded by two ranks (scan row {rows[np.flatnonzero(np.diff(rows) == 0)[0]]})")
         records = scan.rows(start, stop)
+        taken = np.zeros(stop - start, dtype=bool)
+        taken[rows - start] = True
         utts = [records[r - start] for r in rows.tolist()]
         yield Block(utts, np.concatenate([p[1] for p in pieces])[order],
-                    np.concatenate([p[2] for p in pieces])[order], np.concatenate([p[3] for p in pieces])[order])
+                    np.concatenate([p[2] for p in pieces])[order], np.concatenate([p[3] for p in pieces])[order],
+                    [records[i] for i in np.flatnonzero(~taken).tolist()])
+
+
+def _dim(ranks) -> int:
+    for rank in ranks:
+        shape = _array(rank.matrix).shape
+        if len(shape) == 2:
+            return int(shape[1])
+    return 0
 
 
 def merged_blocks(streams: List[Iterator[Block]], block_rows: int) -> Iterator[Tuple[int, Block]]:
@@ -101,8 +121,10 @@ def merged_blocks(streams: List[Iterator[Block]], block_rows: int) -> Iterator[T
         for block in stream:
             for i, utt in enumerate(block.utts):
                 yield utt.key, run, utt, block.matrix[i], block.seconds[i], block.chunks[i]
+            for utt in block.others:
+                yield utt.key, run, utt, None, 0.0, 0
 
-    pending = []
+    pending, others = [], []
     last_key, last_path = None, None
     for key, run, utt, row, seconds, chunks in heapq.merge(*(rows_of(r, s) for r, s in enumerate(streams)),
                                                            key=lambda item: item[0]):
@@ -111,18 +133,21 @@ def merged_blocks(streams: List[Iterator[Block]], block_rows: int) -> Iterator[T
                 raise StreamMergeError(f"key {key} appears in two runs: {last_path} and {utt.path}")
             raise StreamMergeError("the same utterance was embedded twice (overlapping runs?)")
         last_key, last_path = key, utt.path
+        if row is None:
+            others.append(utt)
+            continue
         pending.append((run, utt, row, seconds, chunks))
         if len(pending) >= block_rows:
-            yield from _flush_rows(pending)
-            pending = []
-    yield from _flush_rows(pending)
+            yield from _flush_rows(pending, others)
+            pending, others = [], []
+    yield from _flush_rows(pending, others)
 
 
-def _flush_rows(pending):
-    if pending:
-        yield -1, Block([p[1] for p in pending], np.stack([p[2] for p in pending]),
-                        np.array([p[3] for p in pending], dtype=np.float64),
-                        np.array([p[4] for p in pending], dtype=np.int64))
+def _flush_rows(pending, others):
+    if pending or others:
+        yield -1, Block([p[1] for p in pending], np.stack([p[2] for p in pending]) if pending else
+                        np.zeros((0, 0), np.float32), np.array([p[3] for p in pending], dtype=np.float64),
+                        np.array([p[4] for p in pending], dtype=np.int64), others)
 
 
 _text = json.encoder.encode_basestring  # what json.dumps(..., ensure_ascii=False) writes for a str
@@ -149,7 +174,7 @@ def record_text(utt, seconds: float, chunks: int) -> str:
 def stream_merge(scans: Sequence, runs_ranks: Sequence[Sequence[RankResults]], out: Path, final: Path,
                  formats: Sequence[str], names: Dict[str, object], speaker_mean: str = "plain",
                  duration_weighted: bool = False, closest_pairs: int = 20,
-                 block_rows: Optional[int] = None) -> dict:
+                 block_rows: Optional[int] = None, failure_keys: Optional[set] = None) -> dict:
     """Write the final files of ``formats`` into ``out`` (a dir under construction, to be moved to
     ``final``) from the runs' scans (``scanfile.ScanFile``) and complete ranks. ``names``: file names
     (``finaldir``'s). Returns what the summary needs."""
@@ -187,9 +212,20 @@ def stream_merge(scans: Sequence, runs_ranks: Sequence[Sequence[RankResults]], o
     dur_out = NpyWriter(scratch / "durations.npy", total, (), np.float64)
     pre = JsonListWriter(scratch / "records.jsonl", lines=True)
     streams = [run_blocks(scan, ranks, run, block_rows) for run, (scan, ranks) in enumerate(zip(scans, runs_ranks))]
-    written = 0
+    written, inputs = 0, 0
+    failure_keys = failure_keys or set()
+
+    def dataset_entry(name):
+        return datasets.setdefault(name, {"utterances": 0, "speakers": 0, "duration_s": 0.0, "failures": 0})
+    failed_in: Dict[str, int] = {}
     try:
         for _, block in merged_blocks(streams, block_rows):
+            inputs += len(block.utts) + len(block.others)
+            for utt in block.others:
+                if utt.key in failure_keys:
+                    failed_in[utt.dataset] = failed_in.get(utt.dataset, 0) + 1
+            if not block.utts:
+                continue
             spk = np.empty(len(block.utts), dtype=np.int64)
             seconds = block.seconds.copy()
             for i, utt in enumerate(block.utts):
@@ -197,8 +233,7 @@ def stream_merge(scans: Sequence, runs_ranks: Sequence[Sequence[RankResults]], o
                 if seconds[i] != seconds[i]:  # not recorded at embedding time
                     seconds[i] = utt.duration
                 pre.write_text(record_text(utt, seconds[i], block.chunks[i]))
-                entry = datasets.setdefault(utt.dataset, {"utterances": 0, "speakers": 0, "duration_s": 0.0,
-                                                          "failures": 0})
+                entry = dataset_entry(utt.dataset)
                 entry["utterances"] += 1
                 entry["duration_s"] += round(float(seconds[i]), 4)
                 max_key = max(max_key, len(utt.key))
@@ -260,8 +295,12 @@ def stream_merge(scans: Sequence, runs_ranks: Sequence[Sequence[RankResults]], o
     pairs = stats_mod.closest_pairs(means, closest_pairs)
     counts = acc.counts[keep]
     view = {"outliers": [outliers[s] for s in np.flatnonzero(keep)], "outlier": np.ones(len(flagged_rows), bool)}
+    for name, count in failed_in.items():  # in the in-memory merge's order: after the embedded ones
+        dataset_entry(name)["failures"] += count
+    for entry in datasets.values():
+        entry["duration_s"] = round(entry["duration_s"], 3)
     shutil.rmtree(scratch)
-    return {"utterances": total, "speakers": len(speaker_keys), "dim": dim, "total_duration_s": total_duration,
+    return {"utterances": total, "inputs": inputs, "speakers": len(speaker_keys), "dim": dim, "total_duration_s": total_duration,
             "datasets": datasets, "counts": counts, "stats_view": view if total else None,
             "closest_speaker_pairs": [[speaker_keys[i], speaker_keys[j], round(min(c, 1.0), 4)] for i, j, c in pairs],
             "files": files, "kaldi_renamed_keys": renamed}

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from speakerlab import manifest
-from speakerlab.data import DataError, Utterance, assign_keys, load_scan, save_scan, scan_tree
+from speakerlab.data import DataError, Utterance, assign_keys, scan_tree
+from speakerlab.scanfile import load as load_scan, save as save_scan
 from tests.helpers import extract_cmd, merge_cmd, micro_model, run_cli, tone, write_wav
 
 TAGGED = re.compile(r"^(.*)-([0-9a-f]{8})$")
@@ -147,8 +148,8 @@ def test_kaldi_names_that_join_into_one_key(tmp_path):
 
 def test_scan_json_keeps_keys_and_renames(tmp_path):
     scan = scan_tree(clash_tree(tmp_path / "data"))
-    save_scan(scan, tmp_path / "scan.json")
-    again = load_scan(tmp_path / "scan.json")
+    save_scan(scan, tmp_path / "scan.npz")
+    again = load_scan(tmp_path / "scan.npz")
     assert keys_of(again) == keys_of(scan) and again.renames == scan.renames
 
 

@@ -17,7 +17,7 @@ FILES = {"matrix": "utterance_embeddings.npy", "index": "utterance_index.npy", "
 def npy_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mapped")
     scan, keys, matrix, failures, extra = synthetic_run(seed=11, count=400)
-    data_mod.save_scan(scan, tmp / "scan.npz")
+    scanfile.save(scan, tmp / "scan.npz")
     row_of = {u.key: i for i, u in enumerate(scan.utterances)}
     ranks = [streammerge.results_from_arrays(*part, row_of) for part in split_ranks(keys, matrix, failures, extra, 2, 3)]
     out = tmp / "final"

@@ -43,8 +43,8 @@ def utterances(count=300, seed=0):
 def test_round_trip_is_exact(tmp_path, monkeypatch):
     monkeypatch.setattr(scanfile, "GROUP_ROWS", 64)  # several groups
     scan = utterances()
-    meta = data_mod.save_scan(scan, tmp_path / "scan.npz")
-    again = data_mod.load_scan(tmp_path / "scan.npz")
+    meta = scanfile.save(scan, tmp_path / "scan.npz")
+    again = scanfile.load(tmp_path / "scan.npz")
     assert again == scan
     assert any(u.spk_key for u in again.utterances) and again.renames
     assert meta["keys_sha1"] == data_mod.keys_digest(scan.utterances) and meta["count"] == len(scan.utterances)
@@ -57,7 +57,7 @@ def test_round_trip_is_exact(tmp_path, monkeypatch):
 def test_row_ranges_read_only_their_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(scanfile, "GROUP_ROWS", 64)
     scan = utterances()
-    data_mod.save_scan(scan, tmp_path / "scan.npz")
+    scanfile.save(scan, tmp_path / "scan.npz")
     with scanfile.ScanFile(tmp_path / "scan.npz") as handle:
         for start, stop in [(0, 0), (0, 1), (63, 65), (64, 128), (100, 302), (250, 10 ** 6)]:
             assert handle.rows(start, stop) == scan.utterances[start:stop]
@@ -85,7 +85,7 @@ def test_compact_size(tmp_path):
                               path=f"/data/corpus/ds{spk % 4}/spk{spk:06d}/utt{i % 40:04d}.wav",
                               rel_path=f"ds{spk % 4}/spk{spk:06d}/utt{i % 40:04d}.wav", sample_rate=16000,
                               num_samples=16000 * (2 + i % 15), channels=1))
-    data_mod.save_scan(ScanResult("/data/corpus", rows), tmp_path / "scan.npz")
+    scanfile.save(ScanResult("/data/corpus", rows), tmp_path / "scan.npz")
     per_million = (tmp_path / "scan.npz").stat().st_size * 1e6 / len(rows) / 2 ** 20
     assert per_million < 40
 
@@ -150,7 +150,7 @@ def test_ranks_share_the_header_reads(tmp_path, monkeypatch):
         sf.write(str(_wav(tmp_path, i)), np.zeros(160 * (i + 1)), 16000)
     (tmp_path / "data" / "ds" / "s1" / "bad.wav").write_bytes(b"RIFF junk")
     walked = data_mod.scan_tree(tmp_path / "data")
-    data_mod.save_scan(walked, tmp_path / "walk.npz", headers_read=False)
+    scanfile.save(walked, tmp_path / "walk.npz", headers_read=False)
     paths = [tmp_path / f"h{r}.npz" for r in range(3)]
     read = [headers.read_slice(tmp_path / "walk.npz", r, 3, paths[r], "run-7", 2) for r in range(3)]
     assert read == [4, 4, 4]

@@ -91,7 +91,7 @@ def in_memory(scan, keys, matrix, failures, extra, rule, weighted, pairs):
 def test_stream_merge_equals_in_memory(tmp_path, rule, weighted, world, block, monkeypatch):
     monkeypatch.setattr(scanfile, "GROUP_ROWS", 50)
     scan, keys, matrix, failures, extra = synthetic_run(seed=world)
-    data_mod.save_scan(scan, tmp_path / "scan.npz")
+    scanfile.save(scan, tmp_path / "scan.npz")
     row_of = {u.key: i for i, u in enumerate(scan.utterances)}
     ranks = [streammerge.results_from_arrays(*part, row_of)
              for part in split_ranks(keys, matrix, failures, extra, world, seed=world)]
@@ -152,7 +152,7 @@ def test_two_runs_merge_by_key_and_overlaps_are_refused(tmp_path):
     handles, runs = [], []
     for part, (lo, hi) in enumerate([(0, half), (half, len(scan.utterances))]):
         sub = ScanResult("/c", scan.utterances[lo:hi], source={"type": "tree", "path": "/c"})
-        data_mod.save_scan(sub, tmp_path / f"scan{part}.npz")
+        scanfile.save(sub, tmp_path / f"scan{part}.npz")
         mine = {u.key for u in sub.utterances}
         idx = [i for i, k in enumerate(keys) if k in mine]
         row_of = {u.key: i for i, u in enumerate(sub.utterances)}

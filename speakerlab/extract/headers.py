@@ -28,7 +28,10 @@ def read_slice(walk: Path, rank: int, world: int, out: Path, run_id: str, thread
         read = data_mod.read_headers(rows, threads)
         scanfile.save_headers(out, first, rows, run_id)
     except Exception as exc:
-        scanfile.save_headers(out, 0, [], run_id, error=f"rank {rank}: {type(exc).__name__}: {exc}")
+        try:  # rank 0 learns why at once, instead of waiting for a file that will not come
+            scanfile.save_headers(out, 0, [], run_id, error=f"rank {rank}: {type(exc).__name__}: {exc}")
+        except OSError:
+            pass
         raise
     log.info("rank %d read the headers of %d of %d files (rows %d-%d) in %.1f s", rank, read, total, first, last,
              time.time() - started)

@@ -176,7 +176,7 @@ def run_shard(options: ExtractOptions, run_dir: RunDir, scan, run_id: str, embed
     """This rank's shard of the scan: resumed, embedded, finalized."""
     rank, world, local_rank = ranks
     num_workers, threads, streams = cpu
-    shard = data_mod.shard_by_duration(scan.utterances, rank, world)
+    shard = scan.utterances  # this rank's contiguous rows of the scan (rundir.load_shard)
     # every setting that changes the numbers: a resume with another one is refused
     fingerprint = {"model_sha256": model_identity["sha256"], "model_config": model_identity["config"],
                    "features": embedder.fbank.describe(), "dtype": embedder.dtype, "channels": options.channels,
@@ -188,8 +188,7 @@ def run_shard(options: ExtractOptions, run_dir: RunDir, scan, run_id: str, embed
         if missing:  # the embeddings are all there: only the files made from them are rewritten
             log.warning("rank %d was complete, but %s missing: rewriting from %s", rank, ", ".join(missing),
                         run_dir.rank_embeddings_path(rank).name)
-            store.load_final()
-            store.finalize({u.key: u for u in shard}, previous)
+            store.rewrite_pickles({u.key: u for u in shard})
         counts = previous["counts"]
         log.info("rank %d: already complete (%d embedded, %d failed); nothing to do (--overwrite redoes it)",
                  rank, counts["embedded"], counts["failed"])
@@ -227,28 +226,25 @@ def run_shard(options: ExtractOptions, run_dir: RunDir, scan, run_id: str, embed
     if journal is not None:
         journal.clear()
     progress.close()
-    return finish_rank(store, shard, metadata, started, options.strict, scan_errors(scan, rank))
+    first_row = scan.meta["shard_bounds"][rank] if scan.meta.get("shard_bounds") else 0
+    return finish_rank(store, shard, metadata, started, options.strict, scan_errors(scan, rank), first_row)
 
 
-def finish_rank(store: RankStore, shard, metadata: dict, started: datetime, strict: bool, scan_problems: int) -> int:
+def finish_rank(store: RankStore, shard, metadata: dict, started: datetime, strict: bool, scan_problems: int,
+                first_row: int = 0) -> int:
     """Write the rank's final files, marked complete; the exit status."""
     with signals_held():
         store.flush()
     rank = metadata["rank"]
-    utt_by_key = {u.key: u for u in shard}
-    embedded = len(store.keys)
-    failed = len(store.failures)
     finished = datetime.now(timezone.utc)
     metadata.update({
         "complete": True, "finished": finished.isoformat(),
         "elapsed_s": round((finished - started).total_seconds(), 3),
-        "embedding_dimension": int(store.embeddings[0].shape[0]) if store.embeddings else None,
-        "counts": {"assigned": len(shard), "embedded": embedded, "failed": failed},
-        "audio_seconds": round(sum(store.extra.get(k, {}).get("seconds", utt_by_key[k].duration)
-                                   for k in store.keys), 3),
-        "failures": store.failures,
+        "embedding_dimension": store.dim,
+        "counts": {"assigned": len(shard)},
     })
-    store.finalize(utt_by_key, metadata)
+    written = store.finalize({u.key: u for u in shard}, metadata, first_row, shard)
+    embedded, failed = written["embedded"], written["failed"]
     if failed:
         log.warning("rank %d: %d of %d files failed (see %s)", rank, failed, len(shard), store.metadata_path)
     log.info("rank %d: done, %d embedded, %d failed", rank, embedded, failed)
