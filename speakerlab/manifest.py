@@ -31,7 +31,7 @@ ALIASES = {"speaker_id": "speaker", "utterance_id": "utterance", "utt_id": "utte
 
 # --- sources -------------------------------------------------------------------------------
 def describe_source(data_root=None, manifest=None, kaldi_dir=None, dataset=None) -> dict:
-    """What a run reads, as stored in scan.json and the rank fingerprints. Exactly one of
+    """What a run reads, as stored in the scan file and the rank fingerprints. Exactly one of
     ``data_root`` (a tree), ``manifest`` or ``kaldi_dir``; ``data_root`` with the other two is the
     base of relative paths."""
     if manifest is not None and kaldi_dir is not None:
@@ -82,7 +82,7 @@ def files_sha1(paths: Iterable[Path]) -> str:
 
 
 def source_changed(old: dict, new: dict) -> str:
-    """'' when ``old`` (from scan.json) describes the same input as ``new``, else how they differ."""
+    """'' when ``old`` (from the scan file) describes the same input as ``new``, else how they differ."""
     if old.get("type") != new.get("type") or old.get("path") != new.get("path"):
         return f"it holds a scan of {old.get('type')} {old.get('path')}, not {new['type']} {new['path']}"
     for field in ("base", "dataset"):

@@ -4,12 +4,15 @@ Layout of ``output_dir``::
 
     extract.lock                   the lock: {run_id, host, pid, started} of the job holding the dir;
                                    byte 0 is held (POSIX lock) by that job's rank 0, byte 1 + r by its rank r
-    scan.json                      the utterance list, written once by rank 0 when the scan is complete
+    scan.npz                       the utterance list in columns (scanfile.py), written once by rank 0 when the
+                                   scan is complete, cut into contiguous shards; each rank reads its rows
+    scan.walk.npz, scan.headers_XX.npz   while the ranks share the header reads (then removed)
     scan.ready.json                rank 0's scan outcome for ranks without a process group (srun)
     rank_00/metadata.json          fingerprint, run id, host and pid, counts, the complete flag
     rank_00/parts/part_000001.npz  flushed work: keys, embeddings, failures (no pickle)
     rank_00/decoding/<pid>         the decode journal: the file each decode worker is on
-    rank_00/embeddings.npz         all of the rank's embeddings (when complete)
+    rank_00/embeddings.npz         all of the rank's embeddings in scan order, written from the parts a block
+                                   at a time (rankout.py; members stored, so merge maps them)
     rank_00/utterance_embeddings.pkl, speaker_embeddings.pkl   the seed's per-rank pickles
 
 Every file is written to a temporary name and renamed, so a reader never sees half a file and a
@@ -57,7 +60,7 @@ PARTS = "parts"
 JOURNAL = "decoding"
 _RANK_DIR = re.compile(r"rank_(\d+)")
 _PART = re.compile(r"part_\d{6}\.npz(\.damaged)?")
-_HEADER_FILE = re.compile(re.escape(HEADERS) + r"_\d+\.npz")
+_HEADER_FILE = re.compile(re.escape(HEADERS) + r"_\d+\.(npz|claim)")
 
 
 class RunDirError(Exception):
@@ -269,6 +272,10 @@ class RunDir:
     def header_path(self, rank: int) -> Path:
         return self.path / f"{HEADERS}_{rank:02d}.npz"
 
+    def claim_path(self, rank: int) -> Path:
+        """Created (exclusively) by whoever reads slice ``rank`` of the headers."""
+        return self.path / f"{HEADERS}_{rank:02d}.claim"
+
     def save_walk(self, scan: data_mod.ScanResult) -> None:
         """The walked files (no headers yet), for the ranks to share the header reads."""
         try:
@@ -276,10 +283,12 @@ class RunDir:
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror or str(exc), str(self.walk_path)) from None
 
-    def remove_walk(self, world: int) -> None:
+    def remove_walk(self) -> None:
+        """The walk and every header and claim file (of this job, or left by an earlier one)."""
         self.walk_path.unlink(missing_ok=True)
-        for rank in range(world):
-            self.header_path(rank).unlink(missing_ok=True)
+        for entry in self.path.iterdir():
+            if _HEADER_FILE.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+                entry.unlink(missing_ok=True)
 
     # --- rank 0's published outcome (no process group) ---
     def read_ready(self) -> Optional[dict]:

@@ -90,14 +90,14 @@ def slurm_env(rank, world=2, job="777", step="0"):
 def srun_like(output_dir, source_args, fixtures_dir, extra=(), env=None, world=2):
     cmd = [sys.executable, "extract_speaker_embeddings.py", *source_args, "--output_dir", output_dir,
            *model_args(fixtures_dir), *extra]
-    # rank 1 first: it must wait for rank 0's scan of this run, not take the stale scan.json it finds
+    # rank 1 first: it must wait for rank 0's scan of this run, not take the stale scan file it finds
     procs = [start(cmd, {**slurm_env(rank, world), **(env or {})}) for rank in reversed(range(world))]
     return list(reversed(finish(procs)))
 
 
 def test_srun_ranks_without_torchrun(tree, one_rank, tmp_path, fixtures_dir):
     out = tmp_path / "tmp"
-    # an earlier run over another tree with 3 ranks left scan.json, a rank_02 and a scan marker behind
+    # an earlier run over another tree with 3 ranks left a scan file, a rank_02 and a scan marker behind
     other = make_tree(tmp_path / "other", count=3, prefix="x")
     assert extract.main(["--data_root", str(other), "--output_dir", str(out), *model_args(fixtures_dir)]) == 0
     (out / "rank_02").mkdir()

@@ -163,7 +163,7 @@ def test_cleanup_refuses_an_incomplete_or_altered_final_dir(tmp_path, model, cap
     content = npz.read_bytes()
     npz.write_bytes(content[:-8] + bytes(8))  # same size, other bytes: only the digest tells
     assert cleanup(final, out) == 1
-    assert "sha256 differs" in capsys.readouterr().err and (out / "scan.json").is_file()
+    assert "sha256 differs" in capsys.readouterr().err and (out / "scan.npz").is_file()
     npz.write_bytes(content)
     (final / finaldir.RECORD).unlink()
     assert cleanup(final, out) == 1
@@ -212,7 +212,7 @@ def test_a_live_job_holds_the_dir_and_a_dead_one_is_taken_over(tmp_path, model, 
         code, err = run_extract(data, out, model, capsys, monkeypatch)
         assert code == 2 and "is in use by another extraction (run run-Y" in err
         assert f"pid {holder.pid}" in err and err.count("\n") == 1
-        assert not (out / "scan.json").exists() and not (out / "rank_00").exists()
+        assert not (out / "scan.npz").exists() and not (out / "rank_00").exists()
     finally:
         holder.kill()
         holder.wait()
@@ -281,7 +281,7 @@ def test_a_scan_killed_half_way_leaves_nothing_to_adopt(tmp_path, model):
     time.sleep(0.5)
     y.kill()
     y.wait()
-    assert not (out / "scan.json").exists()
+    assert not (out / "scan.npz").exists()
     data_x = make_tree(tmp_path / "x", seed=2)
     r = run_cli(extract_cmd(data_x, out, *model, "--num_workers", "0"))
     assert r.returncode == 0 and "taking over" in r.stderr, r.stderr[-2000:]
@@ -298,10 +298,10 @@ def test_merge_refuses_ranks_made_from_another_scan(tmp_path, model, capsys, mon
     code, err = run_extract(make_tree(tmp_path / "dy", seed=2, names=("u1", "u2", "u3")), out_y, model,
                             capsys, monkeypatch)
     assert code == 0, err
-    (out_x / "scan.json").write_bytes((out_y / "scan.json").read_bytes())  # Y's scan beside X's ranks
+    (out_x / "scan.npz").write_bytes((out_y / "scan.npz").read_bytes())  # Y's scan beside X's ranks
     assert merge([out_x], tmp_path / "final") == 2
     err = capsys.readouterr().err
-    assert "rank_00 was made from another scan than the scan.json beside it" in err
+    assert "rank_00 was made from another scan than the scan.npz beside it" in err
     assert not (tmp_path / "final").exists()
 
 
@@ -310,7 +310,7 @@ def test_refused_scan_leaves_no_scan_file(tmp_path, model, capsys, monkeypatch):
     out = tmp_path / "out"
     (out / "rank_01").mkdir(parents=True)  # results of some other run, without their scan
     code, err = run_extract(data, out, model, capsys, monkeypatch)
-    assert code == 2 and "holds rank results (rank_01) but no scan.json" in err
+    assert code == 2 and "holds rank results (rank_01) but no scan.npz" in err
     assert sorted(p.name for p in out.iterdir()) == ["extract.lock", "rank_01"]
 
 
@@ -493,7 +493,7 @@ def test_truncated_scan_file_is_one_line(tmp_path, model, capsys, monkeypatch):
     out = tmp_path / "tmp"
     code, err = run_extract(data, out, model, capsys, monkeypatch)
     assert code == 0, err
-    scan = out / "scan.json"
+    scan = out / "scan.npz"
     scan.write_bytes(scan.read_bytes()[:50])
     code, err = run_extract(data, out, model, capsys, monkeypatch)
     assert code == 1 and err.startswith(f"error: {scan} is unreadable") and err.count("\n") == 1, err

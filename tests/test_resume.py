@@ -198,12 +198,20 @@ def test_parts_are_atomic_and_temp_files_ignored(tmp_path):
     (store.parts_dir / ".part_000003.npz.tmp999.npz").write_bytes(b"half a file")
     again = RankStore(tmp_path, 0)
     again.load_parts()
-    assert again.keys == ["a", "c"] and again.done_keys() == {"a", "b", "c"}
-    assert again.extra == {"c": {"seconds": 1.5}}
+    # only the keys come back into memory (the embeddings stay in the parts)
+    assert again.embedded == 2 and again.dim == 4 and again.done_keys() == {"a", "b", "c"}
     again.add("d", np.zeros(4, np.float32))
     again.flush()
     assert sorted(p.name for p in again.parts_dir.glob("part_*.npz")) == \
         ["part_000001.npz", "part_000002.npz", "part_000003.npz"]
+    from speakerlab.data import Utterance
+    shard = [Utterance(key=k, dataset="d", speaker="s", utterance=k, path=f"/x/{k}.wav") for k in "abcd"]
+    written = again.finalize({u.key: u for u in shard}, {}, first_row=10, shard=shard)
+    assert written["embedded"] == 3 and written["failed"] == 1
+    with np.load(again.dir / "embeddings.npz") as data:  # in scan order, with the seconds recorded
+        assert list(data["keys"]) == ["a", "c", "d"] and data["rows"].tolist() == [10, 12, 13]
+        assert data["embeddings"][:, 0].tolist() == [1.0, 2.0, 0.0]
+        assert np.isnan(data["seconds"][0]) and data["seconds"][1] == 1.5
 
 
 def test_damaged_part_is_set_aside_and_redone(tmp_path, caplog):
@@ -224,7 +232,7 @@ def test_damaged_part_is_set_aside_and_redone(tmp_path, caplog):
 
 
 def test_tree_changed_since_the_scan_is_refused(setup, tmp_path, capsys, monkeypatch, caplog):
-    """Files added to (or removed from) the tree after scan.json are not silently left out of a rerun."""
+    """Files added to (or removed from) the tree after the scan are not silently left out of a rerun."""
     import shutil
     base, root = setup
     data = tmp_path / "data"

@@ -77,7 +77,7 @@ def publish_scan(run_dir: RunDir, scan: data_mod.ScanResult, fresh: bool, world:
 
 def check_tree_unchanged(scan: data_mod.ScanResult, source: dict, run_dir: RunDir) -> None:
     """Walk the tree again (no header reads: ~6 s per million files) so that files added or removed
-    since scan.json was written are not silently left out of, or kept in, a resumed run."""
+    since the scan was written are not silently left out of, or kept in, a resumed run."""
     started = time.time()
     fresh = manifest_mod.scan_source(source)
     old = {u.key: u.path for u in scan.utterances}
@@ -125,6 +125,7 @@ def _scan_as_rank0(options, source, run_dir: RunDir, world: int, identity):
         scan, fresh = scan_on_rank0(options, source, run_dir, world, share=world > 1)
         out["scan"] = scan
         if fresh and world > 1:
+            run_dir.remove_walk()  # header files and claims of an earlier job in this dir
             run_dir.save_walk(scan)
             out["walk"] = True
         else:
@@ -208,8 +209,11 @@ def share_header_reads(options, run_dir: RunDir, rank: int, world: int, dist_rea
                        mine: dict) -> dict:
     """Every rank reads its slice of the headers; rank 0 gathers them and writes the scan (phase 2)."""
     try:
-        headers.read_slice(run_dir.walk_path, rank, world, run_dir.header_path(rank), box["run"],
-                           options.header_threads)
+        if headers.claim(run_dir.claim_path(rank), box["run"]):
+            headers.read_slice(run_dir.walk_path, rank, world, run_dir.header_path(rank), box["run"],
+                               options.header_threads)
+        else:
+            log.info("rank %d: rank 0 read this rank's share of the headers (it started late)", rank)
     except Exception as exc:  # in its header file for rank 0; raised here after rank 0's verdict
         log.error("rank %d could not read its share of the headers: %s: %s", rank, type(exc).__name__, exc)
         if rank == 0:
@@ -217,8 +221,14 @@ def share_header_reads(options, run_dir: RunDir, rank: int, world: int, dist_rea
     if rank == 0:
         try:
             if not mine["problem"]:
+                def take_over(r):  # a rank that never claimed its slice: read it here
+                    if not headers.claim(run_dir.claim_path(r), box["run"]):
+                        return False
+                    headers.read_slice(run_dir.walk_path, r, world, run_dir.header_path(r), box["run"],
+                                       options.header_threads, reader=0)
+                    return True
                 counts = headers.gather(mine["scan"], [run_dir.header_path(r) for r in range(world)], box["run"],
-                                        options.scan_timeout)
+                                        options.scan_timeout, take_over=take_over)
                 log.info("header reads per rank: %s (%d files)", ", ".join(map(str, counts)), sum(counts))
                 box = dict(box, scan_id=publish_scan(run_dir, mine["scan"], True, world))
         except RuntimeError as exc:  # a rank's error or its absence: one line for every rank
@@ -226,7 +236,7 @@ def share_header_reads(options, run_dir: RunDir, rank: int, world: int, dist_rea
         except BaseException as exc:
             _failed(mine, exc)
         finally:
-            run_dir.remove_walk(world)
+            run_dir.remove_walk()
         box = dict(box, problem=mine["problem"], kind=mine["kind"])
         mine["scan"] = None  # rank 0 keeps only its shard, like every rank
     return _exchange(run_dir, rank, world, dist_ready, identity, options, 2, dict(box, walk=False))

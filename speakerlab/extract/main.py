@@ -2,7 +2,8 @@
 
 Runs as plain ``python`` (one rank), under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK, any
 number of nodes sharing ``output_dir``) or as ``srun`` tasks (SLURM_PROCID / SLURM_NTASKS). Rank 0
-reads the input (a tree, a manifest or a Kaldi data dir) and saves ``scan.json``; every rank takes
+reads the input (a tree, a manifest or a Kaldi data dir), the ranks share its header reads, and rank 0
+saves the scan file; every rank takes
 its duration-balanced shard, skips what an earlier run already flushed, and writes its results
 atomically as it goes, only under its own ``rank_XX``. This module is the orchestration: parser ->
 options -> run().
