@@ -65,17 +65,9 @@ def write_rank_npz(parts: Sequence[Path], row_of: Dict[str, int], out: Path, dim
         if dim is None:
             dims = {m.shape[1] for m in maps if len(m.shape) == 2 and len(m)}
             dim = dims.pop() if dims else 0
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.npz")
-        writer = NpzMemberWriter(tmp)
-        try:
-            width = max([len(k) for k in keys] + [1])
-            writer.member("keys", (len(keys),), f"<U{width}")
-            for first in range(0, len(keys), 65536):
-                writer.write(np.array(keys[first:first + 65536], dtype=f"<U{width}"))
-            writer.member("rows", (len(keys),), np.int64)
-            writer.write(np.array(scan_rows, dtype=np.int64)[order])
-            writer.member("embeddings", (len(keys), dim), np.float32)
-            step = rows_per_block(max(dim, 1) * 4)
+        step = rows_per_block(max(dim, 1) * 4)
+
+        def blocks():
             for first in range(0, len(keys), step):
                 parts_here = where_part[first:first + step]
                 rows_here = where_row[first:first + step]
@@ -83,25 +75,51 @@ def write_rank_npz(parts: Sequence[Path], row_of: Dict[str, int], out: Path, dim
                 for number in np.unique(parts_here):
                     mine = parts_here == number
                     block[mine] = maps[number].take(rows_here[mine])
-                writer.write(block)
-            writer.member("seconds", (len(keys),), np.float64)
-            writer.write(np.array(seconds, dtype=np.float64)[order])
-            writer.member("chunks", (len(keys),), np.int32)
-            writer.write(np.array(chunks, dtype=np.int32)[order])
-            text = json.dumps(failures, ensure_ascii=False)
-            writer.member("failures", (), f"<U{max(1, len(text))}")
-            writer.write(np.array(text, dtype=f"<U{max(1, len(text))}"))
-            writer.close()
-            os.replace(tmp, out)
-        except BaseException:
-            writer.close()
-            tmp.unlink(missing_ok=True)
-            raise
+                yield block
+        write_rank_arrays(out, keys, np.array(scan_rows, dtype=np.int64)[order], dim, blocks(),
+                          np.array(seconds, dtype=np.float64)[order], np.array(chunks, dtype=np.int32)[order],
+                          failures)
     finally:
         for m in maps:
             m.close()
     return {"embedded": len(keys), "failed": len(failures), "failures": failures, "dim": dim,
             "audio_seconds": float(np.nansum(seconds)) if seconds else 0.0}
+
+
+def write_rank_arrays(out: Path, keys: Sequence[str], rows: np.ndarray, dim: int, blocks, seconds: np.ndarray,
+                      chunks: np.ndarray, failures: List[dict]) -> None:
+    """Write a rank's npz (atomically) from its columns; the embeddings come as an iterable of blocks
+    of rows, in order."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.npz")
+    writer = NpzMemberWriter(tmp)
+    try:
+        width = max([len(k) for k in keys] + [1])
+        writer.member("keys", (len(keys),), f"<U{width}")
+        for first in range(0, len(keys), 65536):
+            writer.write(np.array(keys[first:first + 65536], dtype=f"<U{width}"))
+        writer.member("rows", (len(keys),), np.int64)
+        writer.write(np.asarray(rows, dtype=np.int64))
+        writer.member("embeddings", (len(keys), dim), np.float32)
+        count = 0
+        for block in blocks:
+            writer.write(block)
+            count += len(block)
+        if count != len(keys):
+            raise ValueError(f"{out}: {count} embeddings for {len(keys)} keys")
+        writer.member("seconds", (len(keys),), np.float64)
+        writer.write(np.asarray(seconds, dtype=np.float64))
+        writer.member("chunks", (len(keys),), np.int32)
+        writer.write(np.asarray(chunks, dtype=np.int32))
+        text = json.dumps(failures, ensure_ascii=False)
+        writer.member("failures", (), f"<U{max(1, len(text))}")
+        writer.write(np.array(text, dtype=f"<U{max(1, len(text))}"))
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_rank_pickles(npz: Path, utterances: Dict[str, object], utt_pkl: Path, spk_pkl: Path) -> None:

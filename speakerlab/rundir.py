@@ -279,7 +279,7 @@ class RunDir:
     def save_walk(self, scan: data_mod.ScanResult) -> None:
         """The walked files (no headers yet), for the ranks to share the header reads."""
         try:
-            scanfile.save(scan, self.walk_path, headers_read=False)
+            scanfile.save(scan, self.walk_path, headers_read=False, compress=False)
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror or str(exc), str(self.walk_path)) from None
 

@@ -63,9 +63,10 @@ def _write_strings(archive, name: str, values: Sequence[str]) -> None:
 
 # --- writing -------------------------------------------------------------------------------
 def save(scan: ScanResult, path, headers_read: bool = True, shard: Optional[Tuple[int, List[int]]] = None,
-         scan_id: Optional[str] = None) -> dict:
+         scan_id: Optional[str] = None, compress: bool = True) -> dict:
     """Write ``scan`` to ``path`` (atomically: a temporary name, then renamed). ``shard``: (world,
-    bounds). Returns the meta record written."""
+    bounds). ``compress`` False: members stored as they are (faster; for the transient walk file).
+    Returns the meta record written."""
     path = Path(path)
     utts = scan.utterances
     table: Dict[Tuple[str, str, str], int] = {}
@@ -79,7 +80,8 @@ def save(scan: ScanResult, path, headers_read: bool = True, shard: Optional[Tupl
             "shard_world": shard[0] if shard else None, "shard_bounds": list(map(int, shard[1])) if shard else None}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED,
+                             allowZip64=True) as archive:
             _write_member(archive, "meta", np.frombuffer(json.dumps(meta, ensure_ascii=False).encode("utf-8"),
                                                          dtype=np.uint8))
             names = list(table)

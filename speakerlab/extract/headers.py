@@ -61,7 +61,7 @@ def read_slice(walk: Path, rank: int, world: int, out: Path, run_id: str, thread
 
 
 def gather(scan: data_mod.ScanResult, paths: List[Path], run_id: str, timeout: float,
-           poll: float = 1.0, take_over: Optional[Callable[[int], bool]] = None) -> List[int]:
+           poll: float = 0.25, take_over: Optional[Callable[[int], bool]] = None) -> List[int]:
     """Apply every rank's header file to ``scan`` (rank 0); returns the count each slice holds.
     Waits up to ``timeout`` seconds for files not there yet; a rank's error is raised here.
     ``take_over(r)``: called for slices still missing after ``GRACE_S``; True if it read slice r."""
