@@ -164,7 +164,9 @@ def _exchange(run_dir: RunDir, rank: int, world: int, dist_ready: bool, identity
         torch.distributed.broadcast_object_list(items, src=0)
         return items[0]
     if rank == 0:
-        publish(run_dir, dict(box, run_id=identity, phase=phase, time=datetime.now(timezone.utc).isoformat()))
+        publish(run_dir, {"run_id": identity, "phase": phase, "error": box["problem"], "kind": box["kind"],
+                          "run": box["run"], "walk": box["walk"], "scan_id": box["scan_id"],
+                          "time": datetime.now(timezone.utc).isoformat()})
         return box
     marker = wait_for_rank0(run_dir, identity, options.scan_timeout, phase)
     return {"problem": marker.get("error", ""), "kind": marker.get("kind", "usage"), "run": marker.get("run", ""),
