@@ -22,12 +22,13 @@ def grid_frames(frames: int, steps: int = GRID_STEPS_PER_OCTAVE) -> int:
 
 
 def plan_batches(num_samples: Sequence[int], frames_per_batch: int, max_batch_size: int,
-                 frame_shift: int = 160, grid: bool = False) -> List[List[int]]:
+                 frame_shift: int = 160, grid: bool = False,
+                 grid_steps: int = GRID_STEPS_PER_OCTAVE) -> List[List[int]]:
     """Sort by length and cut into batches with (count x longest frames) <= frames_per_batch.
 
     Similar lengths share a batch, so padding stays small; an utterance longer than the budget
-    gets a batch of its own. With ``grid``, lengths count as their ``grid_frames`` (what the
-    batch is padded to). Returns index lists, shortest batches first.
+    gets a batch of its own. With ``grid``, lengths count as their ``grid_frames(.., grid_steps)``
+    (what the batch is padded to: ``Embedder.grid_steps``). Returns index lists, shortest batches first.
     """
     order = sorted(range(len(num_samples)), key=lambda i: (num_samples[i], i))
     batches: List[List[int]] = []
@@ -35,7 +36,7 @@ def plan_batches(num_samples: Sequence[int], frames_per_batch: int, max_batch_si
     for index in order:
         frames = max(1, num_samples[index] // frame_shift)
         if grid:
-            frames = grid_frames(frames)
+            frames = grid_frames(frames, grid_steps)
         if current and ((len(current) + 1) * frames > frames_per_batch or len(current) >= max_batch_size):
             batches.append(current)
             current = []
