@@ -223,3 +223,34 @@ def test_batch_is_queued_without_reading_the_device(fixtures_dir, name):
     results = pending.results()
     assert [r.error is None for r in results] == [True, True, True, False, True]
     assert results[3].error[0] == "validate" and results[4].chunks == 2
+
+
+# --- fault 7: host memory for the batches in flight -----------------------------------------------
+def test_default_shm_of_a_container_is_refused_in_one_line():
+    from speakerlab.hostmem import HostMemoryError, plan_in_flight
+    batch = 120000 * 160 * 4  # the GPU default: 77 MB of float32 audio
+    with pytest.raises(HostMemoryError, match=r"^/dev/shm too small: 67 MB for 1 rank\(s\), and one batch .* is 77 MB; "
+                                              r"give the container more \(docker run --shm-size=8g\)"):
+        plan_in_flight(batch, 8, 4, 1, shm_free=64 * 2 ** 20)
+
+
+def test_in_flight_batches_shrink_to_fit():
+    from speakerlab.hostmem import plan_in_flight
+    batch = 120000 * 160 * 4
+    assert plan_in_flight(batch, 8, 4, 1, shm_free=64 * 10 ** 9) == (8, 4, None)   # plenty
+    workers, prefetch, note = plan_in_flight(batch, 8, 4, 4, shm_free=4 * 10 ** 9)  # 1 GB per rank, half used
+    assert workers * prefetch * batch <= 4 * 10 ** 9 / 4 / 2 and (workers, prefetch) == (6, 1)
+    assert "instead of 8 x 4" in note
+    workers, prefetch, _ = plan_in_flight(batch, 8, 4, 1, shm_free=64 * 10 ** 9, pinned=True,
+                                          memory_limit=4 * 10 ** 9)                # pinned: 1 GB
+    assert (workers, prefetch) == (8, 1)  # prefetch goes first: decode parallelism matters more
+    assert plan_in_flight(batch, 0, 2, 1, shm_free=0) == (0, 2, None)              # no workers, no shm
+
+
+def test_shm_measured_and_mocked(monkeypatch):
+    from speakerlab import hostmem
+    assert hostmem.shm_free_bytes("/nonexistent/shm") is None
+    monkeypatch.setattr(hostmem.shutil, "disk_usage", lambda path: type("U", (), {"free": 64 * 2 ** 20})())
+    assert hostmem.shm_free_bytes() == 64 * 2 ** 20
+    limit = hostmem.memory_limit_bytes()
+    assert limit is None or limit > 2 ** 26
