@@ -33,7 +33,9 @@ from speakerlab import manifest as manifest_mod
 from speakerlab.audio import AudioError, load_audio
 from speakerlab.batching import pad_waves, plan_batches
 from speakerlab.config import ConfigError, load_config
-from speakerlab.embedder import DTYPES, Embedder, Result, default_batch_frames, default_dtype
+from speakerlab.devices import GpuMappingError, bound_per_task, choose_gpu
+from speakerlab.embedder import DTYPES, Embedder, Result, default_batch_frames, default_dtype, release_memory
+from speakerlab.hostmem import HostMemoryError, memory_limit_bytes, plan_in_flight, shm_free_bytes
 from speakerlab.models import ModelLoadError, file_sha256, load_model
 from speakerlab.store import RankStore, atomic_write_json, read_json
 
@@ -60,8 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint (state_dict); default: the embedded CAM++ zh/en common model")
     p.add_argument("--config_file", default=None, help="3D-Speaker style model YAML (see conf/)")
     p.add_argument("--use_gpu", action="store_true", help="run on CUDA when available (CPU otherwise)")
-    p.add_argument("--gpu", type=int, nargs="+", default=[0], help="GPU ids; rank uses gpu[LOCAL_RANK %% len]")
-    p.add_argument("--batch_size", type=int, default=128, help="most utterances in one batch")
+    p.add_argument("--gpu", type=int, nargs="+", default=None,
+                   help="GPU ids, one per rank on the node: rank uses gpu[LOCAL_RANK] (repeat an id to share a "
+                        "GPU deliberately, e.g. --gpu 0 0); default: the LOCAL_RANK-th visible GPU")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="CPU: most utterances in one batch (default 128). GPU: ignored, the frame budget "
+                        "(--batch_frames) alone sizes batches (short files make big batches)")
     p.add_argument("--batch_frames", type=int, default=None,
                    help="padded feature frames per batch (10 ms each); default 120000 on GPU; on CPU 6000, "
                         "or 1 (one utterance per batch) for ERes2Net models")
@@ -71,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto"] + list(DTYPES), default="auto",
                    help="model precision; auto = bf16 on GPUs and on CPUs with native bf16, else fp32")
     p.add_argument("--length_grid", choices=["auto", "on", "off"], default="auto",
-                   help="pad batches to one of 16 lengths per octave (<= 6.25%% more frames) so batch shapes "
-                        "repeat and oneDNN reuses its kernels; auto = on for CPU, off for GPU")
+                   help="pad batches to one of 16 lengths per octave (<= 6.25%% more frames; GPU: 8, <= 12.5%%) "
+                        "so batch shapes repeat and oneDNN / cuDNN reuse their set-up; auto = on")
     p.add_argument("--no_fusion", action="store_true",
                    help="run conv, BatchNorm and activation as separate ops, as the reference does "
                         "(slower; fused is the same function, see speakerlab/models/fusion.py)")
@@ -108,10 +114,18 @@ def rank_info():
     return rank, world, local, local_world
 
 
-def pick_device(use_gpu: bool, gpus: List[int], local_rank: int) -> torch.device:
+def pick_device(use_gpu: bool, gpus: Optional[List[int]], local_rank: int, local_world: int) -> torch.device:
+    """This rank's device: the GPU ``devices.choose_gpu`` maps it to (one clear error when the list
+    does not fit), or the CPU without --use_gpu or without CUDA."""
     if use_gpu:
         if torch.cuda.is_available():
-            index = gpus[local_rank % len(gpus)]
+            try:
+                index, note = choose_gpu(gpus, local_rank, local_world, torch.cuda.device_count(),
+                                         bound_per_task(), os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+            except GpuMappingError as exc:
+                raise UsageError(str(exc)) from None
+            if note:
+                log.info(note)
             torch.cuda.set_device(index)
             return torch.device("cuda", index)
         log.warning("--use_gpu given but CUDA is not available: running on CPU")
@@ -152,12 +166,16 @@ class ModelStreams:
     peak stays that of one long file.
     """
 
-    def __init__(self, embedder: Embedder, streams: int, threads: int, batch_frames: int):
+    def __init__(self, embedder: Embedder, streams: int, threads: int, batch_frames: int,
+                 overlap: Optional[bool] = None):
         self.embedder = embedder
         self.streams = max(1, streams)
         self.threads = threads
         self.batch_frames = batch_frames
         self._oversized = threading.Lock()
+        # GPU: batch k+1 is queued before batch k's results are waited for (and stored)
+        self.overlap = (getattr(getattr(embedder, "device", None), "type", None) == "cuda"
+                        if overlap is None else overlap)
 
     def _embed(self, waves, lengths):
         frames = waves.shape[1] // self.embedder.fbank.config.frame_shift
@@ -168,6 +186,16 @@ class ModelStreams:
 
     def map(self, loader):
         """Yield (batch, [Result per utterance]) for each loader batch, in loader order."""
+        if self.streams == 1 and self.overlap:
+            previous = None
+            for batch in loader:
+                queued = (batch, submit_batch(self.embedder, batch[1], batch[2]) if batch[0] else list)
+                if previous is not None:
+                    yield previous[0], previous[1]()
+                previous = queued
+            if previous is not None:
+                yield previous[0], previous[1]()
+            return
         if self.streams == 1:
             for batch in loader:
                 yield batch, (self._embed(batch[1], batch[2]) if batch[0] else [])
@@ -485,7 +513,7 @@ def run(args) -> int:
         config = load_config(config_file)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    device = pick_device(args.use_gpu, args.gpu, local_rank)
+    device = pick_device(args.use_gpu, args.gpu, local_rank, local_world)
     num_workers, threads, streams = cpu_plan(args.num_workers, local_world, device, args.streams)
     torch.set_num_threads(threads)
     dtype = default_dtype(device) if args.dtype == "auto" else args.dtype
@@ -536,10 +564,11 @@ def run(args) -> int:
                         store.metadata_path)
         return exit_status(counts["embedded"], counts["failed"], args.strict, scan_errors(scan, rank))
     store.dir.mkdir(parents=True, exist_ok=True)
+    batch_cap = batch_size_cap(args.batch_size, device)
     metadata = {"rank": rank, "world_size": world, "complete": False, "fingerprint": fingerprint,
                 "model": model_identity, "started": started.isoformat(), "command": sys.argv,
                 "device": str(device), "dtype": dtype, "versions": versions(),
-                "batch_policy": {"batch_frames": None, "batch_size": args.batch_size,
+                "batch_policy": {"batch_frames": None, "batch_size": batch_cap,
                                  "fused": not args.no_fusion, "length_grid": embedder.grid}}
     atomic_write_json(store.metadata_path, metadata)
     store.load_parts()
@@ -561,17 +590,20 @@ def run(args) -> int:
     metadata["batch_policy"].update({"streams": streams, "threads": threads, "num_workers": num_workers})
 
     progress = make_progress(len(shard), len(done), rank, local_rank, args.no_progress)
+    rate = SteadyRate()
     audio_seconds = 0.0
     left = list(range(len(todo)))
     for attempt in range(MAX_DECODER_CRASHES + 1):
         # Longest batches first: the run then ends on short batches, so concurrent model streams finish
         # together instead of one core idling while the other runs the longest file (measured: ~4%).
         batches = [[left[i] for i in batch] for batch in
-                   plan_batches([est[i] for i in left], batch_frames, args.batch_size, grid=embedder.grid)[::-1]]
+                   plan_batches([est[i] for i in left], batch_frames, batch_cap,
+                                grid=embedder.grid, grid_steps=embedder.grid_steps)[::-1]]
+        workers, prefetch = loader_in_flight(batches, est, num_workers, local_world, device, metadata)
         loader = torch.utils.data.DataLoader(
-            WaveDataset(todo, sr, args.channels, journal), batch_sampler=batches, num_workers=num_workers,
+            WaveDataset(todo, sr, args.channels, journal), batch_sampler=batches, num_workers=workers,
             collate_fn=collate, pin_memory=device.type == "cuda",
-            prefetch_factor=4 if num_workers > 0 else None)
+            prefetch_factor=prefetch if workers > 0 else None)
         try:
             for (indices, waves, lengths, bad), results in ModelStreams(embedder, streams, threads,
                                                                          batch_frames).map(loader):
@@ -590,6 +622,7 @@ def run(args) -> int:
                                       {"seconds": round(seconds, 4)} if result.chunks == 1 else
                                       {"seconds": round(seconds, 4), "chunks": result.chunks})
                     store.maybe_flush(args.flush_every, args.flush_seconds)
+                rate.batch_done(audio_seconds)
                 progress.update(len(indices) + len(bad))
                 progress.set_postfix_str(f"{audio_seconds / 3600:.2f} h audio", refresh=False)
             break
@@ -620,6 +653,11 @@ def run(args) -> int:
     embedded = len(store.keys)
     failed = len(store.failures)
     finished = datetime.now(timezone.utc)
+    metadata["timing"] = rate.summary(device)
+    if metadata["timing"].get("steady_x_real_time"):
+        log.info("rank %d: steady state %.1fx real time (%.0f s of audio in %.1f s after the first batch)", rank,
+                 metadata["timing"]["steady_x_real_time"], metadata["timing"]["steady_audio_s"],
+                 metadata["timing"]["steady_s"])
     metadata.update({
         "complete": True, "finished": finished.isoformat(),
         "elapsed_s": round((finished - started).total_seconds(), 3),
@@ -679,17 +717,83 @@ def scan_errors(scan, rank: int) -> int:
 def embed_batch(embedder: Embedder, waves: torch.Tensor, lengths: torch.Tensor) -> List[Result]:
     """embedder.embed, but an exception in the model fails only the utterance that causes it: the
     batch is retried one utterance at a time, and the rank goes on."""
+    return submit_batch(embedder, waves, lengths, queue=False)()
+
+
+def submit_batch(embedder: Embedder, waves: torch.Tensor, lengths: torch.Tensor, queue: bool = True):
+    """``embed_batch`` in two steps: queue the batch on the device (``Embedder.submit``) and return a
+    function that waits for its results -- so the rank stores one batch while the GPU runs the next."""
     try:
-        return embedder.embed(waves, lengths)
+        if queue:
+            return embedder.submit(waves, lengths).results
+        results = embedder.embed(waves, lengths)
+        return lambda: results
     except Exception as exc:
         if dead_workers(exc) is not None:  # a decode worker died (raised from torch's SIGCHLD handler)
             raise
-        if len(lengths) == 1:
-            return [Result(error=("model", f"model error: {type(exc).__name__}: {exc}"))]
-        log.warning("a batch of %d failed in the model (%s: %s); retrying one by one",
-                    len(lengths), type(exc).__name__, exc)
-        return [embed_batch(embedder, waves[row:row + 1, :int(lengths[row])], lengths[row:row + 1])[0]
-                for row in range(len(lengths))]
+        reason = f"{type(exc).__name__}: {exc}"
+    # Retried after the handler: inside it the exception's traceback would keep the failed batch's
+    # tensors alive while its utterances run again.
+    release_memory(getattr(embedder, "device", torch.device("cpu")))
+    if len(lengths) == 1:
+        failed = [Result(error=("model", f"model error: {reason}"))]
+        return lambda: failed
+    log.warning("a batch of %d failed in the model (%s); retrying one by one", len(lengths), reason)
+    results = [embed_batch(embedder, waves[row:row + 1, :int(lengths[row])], lengths[row:row + 1])[0]
+               for row in range(len(lengths))]
+    return lambda: results
+
+
+def batch_size_cap(batch_size: Optional[int], device: torch.device) -> Optional[int]:
+    """Most utterances per batch: --batch_size (128) on CPU; none on GPU, where the frame budget alone
+    sizes batches -- the seed's --batch_size 32 kept GPU batches far below the budget, so a CAM++
+    forward was a few ms of launches for little work."""
+    if device.type == "cuda":
+        if batch_size is not None:
+            log.info("--batch_size %d ignored on GPU: the frame budget (--batch_frames) sizes batches", batch_size)
+        return None
+    return 128 if batch_size is None else batch_size
+
+
+def loader_in_flight(batches, est, num_workers: int, local_world: int, device: torch.device, metadata: dict):
+    """(decode workers, batches prefetched per worker) that /dev/shm and pinned memory can hold."""
+    largest = max((len(b) * max(est[i] for i in b) for b in batches if b), default=0) * 4  # float32 samples
+    try:
+        workers, prefetch, note = plan_in_flight(largest, num_workers, 4, local_world, shm_free_bytes(),
+                                                 pinned=device.type == "cuda", memory_limit=memory_limit_bytes())
+    except HostMemoryError as exc:
+        raise UsageError(str(exc)) from None
+    if note:
+        log.warning("host memory: %s", note)
+        metadata["batch_policy"]["in_flight"] = note
+    return workers, prefetch
+
+
+class SteadyRate:
+    """x real time after the first batch: start-up (imports, scan, model load, decode workers starting,
+    the first batch's cuDNN/oneDNN set-up) excluded -- what a long run sustains."""
+
+    def __init__(self):
+        self.first = None  # (time, audio seconds) when the first batch was stored
+        self.last = None
+
+    def batch_done(self, audio_seconds: float) -> None:
+        point = (time.time(), audio_seconds)
+        if self.first is None:
+            self.first = point
+        self.last = point
+
+    def summary(self, device: torch.device) -> dict:
+        out = {}
+        if self.first is not None and self.last[0] > self.first[0]:
+            seconds, audio = self.last[0] - self.first[0], self.last[1] - self.first[1]
+            out.update({"steady_start_unix": round(self.first[0], 3), "steady_end_unix": round(self.last[0], 3),
+                        "steady_s": round(seconds, 3), "steady_audio_s": round(audio, 2),
+                        "steady_x_real_time": round(audio / seconds, 1)})
+        if device.type == "cuda":
+            out["gpu_max_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20)
+            out["gpu_max_reserved_mib"] = round(torch.cuda.max_memory_reserved(device) / 2 ** 20)
+        return out
 
 
 def failure_record(utt, stage: str, reason: str) -> dict:
