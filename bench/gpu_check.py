@@ -49,7 +49,10 @@ MIN_COSINE = 0.999                                # bf16 pipeline vs fp32 on the
 RANKS_MIN_COSINE = 0.9999                         # fp32, 2 ranks vs 1: only batch composition differs
 CONFIGS = {"campplus": "conf/campplus.yaml", "eres2netv2": "conf/eres2netv2.yaml"}
 SIZES = {  # unique audio (s), corpus hours per model, files in the rank / cosine / OOM checks
-    "gpu": {"unique_s": 5400.0, "hours": {"campplus": 60.0, "eres2netv2": 15.0},
+    # GPU: each model's corpus is sized from its measured ceiling so the pipeline has ~25 s of model
+    # work in its steady window (at most ``hours``): enough for a steady rate, and the whole check
+    # stays under 8 minutes however fast the GPU is
+    "gpu": {"unique_s": 5400.0, "hours": {"campplus": 150.0, "eres2netv2": 40.0}, "model_s": 25.0,
             "rank_files": 160, "cos_files": 256, "oom_batch": 256, "time_limit_s": 450.0},
     "dry": {"unique_s": 12.0, "hours": {"campplus": 0.006, "eres2netv2": 0.003},
             "rank_files": 4, "cos_files": 4, "oom_batch": 4, "time_limit_s": 600.0,
@@ -199,12 +202,23 @@ def check_model(name, args, sizes, clips, workdir, device, sampler) -> dict:
     import torch
     from speakerlab.audio import load_audio
     from speakerlab.config import load_config
-    from speakerlab.embedder import Embedder, default_batch_frames
+    from speakerlab.embedder import Embedder, default_batch_frames, resolve_dtype
     from speakerlab.models import load_model
     cuda = device.type == "cuda"
     model_path, weights = model_file(name, workdir)
+    config = load_config(ROOT / CONFIGS[name])
+    sr = config.sample_rate
+    embedder = Embedder(load_model(config, model_path), config, device, dtype=resolve_dtype("auto", device))
+    hours = sizes["hours"][name]
+    probe = None
+    if "model_s" in sizes:  # size the corpus from the ceiling on the distinct clips' shapes
+        lengths = [int(seconds * sr) for _, seconds in clips]
+        probe = same_shapes_ceiling(embedder, lengths, embedder.batch_frames(None), None)
+        hours = min(hours, max(1.0, sizes["model_s"] * probe["x_real_time"] / 3600))
+        if cuda:
+            torch.cuda.empty_cache()
     corpus = workdir / f"corpus_{name}"
-    info = link_corpus(clips, corpus, sizes["hours"][name])
+    info = link_corpus(clips, corpus, hours)
     out_dir = workdir / f"out_{name}"
     extra = (["--gpu", str(device.index or 0)] if cuda else []) + sizes.get("extract_args", [])
     wall = run([sys.executable] + extract_cmd(corpus, out_dir, model_path, CONFIGS[name], cuda, extra),
@@ -212,6 +226,7 @@ def check_model(name, args, sizes, clips, workdir, device, sampler) -> dict:
     meta = json.loads((out_dir / "rank_00" / "metadata.json").read_text())
     timing = meta.get("timing") or {}
     result = {"model": name, "weights": weights, "corpus": info, "process_wall_s": round(wall, 1),
+              "probe_ceiling_x_real_time": round(probe["x_real_time"], 1) if probe else None,
               "dtype": meta["dtype"], "embedded": meta["counts"]["embedded"], "failed": meta["counts"]["failed"],
               "batch_policy": meta.get("batch_policy"), "timing": timing,
               "pipeline_x_real_time": timing.get("steady_x_real_time"),
@@ -220,11 +235,8 @@ def check_model(name, args, sizes, clips, workdir, device, sampler) -> dict:
               "gpu_utilisation_pct": sampler.utilisation(timing.get("steady_start_unix", 0),
                                                          timing.get("steady_end_unix", 0)) if sampler else None}
 
-    config = load_config(ROOT / CONFIGS[name])
-    sr = config.sample_rate
     from speakerlab.data import load_scan
     lengths = [int(u.num_samples * sr / u.sample_rate) for u in load_scan(out_dir / "scan.json").utterances]
-    embedder = Embedder(load_model(config, model_path), config, device, dtype=meta["dtype"])
     ceiling = same_shapes_ceiling(embedder, lengths, meta["batch_policy"]["batch_frames"],
                                   meta["batch_policy"].get("batch_size"))
     result["ceiling"] = ceiling
@@ -232,6 +244,16 @@ def check_model(name, args, sizes, clips, workdir, device, sampler) -> dict:
     if result["pipeline_x_real_time"]:
         result["ratio"] = round(result["pipeline_x_real_time"] / ceiling["x_real_time"], 3)
     result["target"] = TARGETS[name]
+    if args.cudnn_benchmark and cuda:  # cuDNN autotuning per shape: its gain, and its set-up cost per shape
+        torch.backends.cudnn.benchmark = True
+        try:
+            tuned = same_shapes_ceiling(embedder, lengths, meta["batch_policy"]["batch_frames"],
+                                        meta["batch_policy"].get("batch_size"))
+        finally:
+            torch.backends.cudnn.benchmark = False
+        result["ceiling_cudnn_benchmark"] = tuned
+        print(f"[{name}] ceiling with cudnn.benchmark: {tuned['x_real_time']:.1f}x (vs {ceiling['x_real_time']:.1f}x), "
+              f"warm-up over {tuned['shapes']} shapes {tuned['warm_up_s']} s (vs {ceiling['warm_up_s']} s)", flush=True)
 
     # bf16 pipeline vs fp32 on this device, on the first clips (copy 0 of each)
     exact = Embedder(load_model(config, model_path), config, device, dtype="fp32")
@@ -370,6 +392,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="scratch dir (default: a temporary one, removed)")
     p.add_argument("--json", default=None, help="write the results here too")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--cudnn_benchmark", action="store_true",
+                   help="also measure the ceiling with cuDNN autotuning (off in the pipeline: unmeasured)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     import torch
@@ -377,6 +401,8 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device here (use --dry_run for the CPU rehearsal)", file=sys.stderr)
         return 2
+    if device.type == "cpu":  # one thread, as each of the pipeline's CPU streams (threads stall on a busy CPU)
+        torch.set_num_threads(1)
     sizes = SIZES["dry" if args.dry_run else "gpu"]
     if args.hours is not None:
         sizes = {**sizes, "hours": {k: args.hours for k in sizes["hours"]}}
