@@ -263,10 +263,10 @@ def same_shapes_ceiling(embedder, num_samples, batch_frames: int, batch_size=Non
     cap = batch_size or max(1, len(num_samples))
     plan = plan_batches(num_samples, batch_frames, cap, frame_shift=cfg.frame_shift, grid=embedder.grid,
                         grid_steps=embedder.grid_steps)[::-1]
+    all_frames = embedder.fbank.frame_lengths(torch.tensor(list(num_samples), dtype=torch.long)).tolist()
     batches, audio_s = [], 0.0
     for batch in plan:
-        frames = [int(embedder.fbank.frame_lengths(torch.tensor(num_samples[i]))) for i in batch]
-        rows = [(f, i) for f, i in zip(frames, batch) if embedder.min_frames <= f <= embedder.max_chunk_frames]
+        rows = [(all_frames[i], i) for i in batch if embedder.min_frames <= all_frames[i] <= embedder.max_chunk_frames]
         if rows:
             batches.append(torch.tensor([f for f, _ in rows]))
             audio_s += sum(num_samples[i] for _, i in rows) / cfg.sample_rate
