@@ -6,7 +6,7 @@ import gc
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,11 +30,14 @@ def cpu_has_fast_bf16() -> bool:
 def default_dtype(device: torch.device) -> str:
     """Fastest setting measured to keep cosine >= 0.999 to fp32 on real speech (see README).
 
-    CUDA: bf16 on tensor cores (compute capability >= 8.0); older GPUs (V100, T4) report bf16 as
-    supported but emulate it slowly, and fp16's range is unproven on these models, so fp32 there
-    (``--dtype fp16`` opts in)."""
+    CUDA: bf16 on tensor cores (compute capability >= 8.0). Older GPUs report bf16 as supported but
+    emulate it, slower than fp32; V100/T4 (7.x) have fp16 tensor cores, and fp16's 10-bit mantissa is
+    finer than bf16's, only its range is smaller: an utterance whose fp16 embedding overflows is redone
+    in fp32 (``Pending.results``). Before 7.0 there are no tensor cores: fp32."""
     if device.type == "cuda":
-        return "bf16" if cuda_bf16_is_fast(device) else "fp32"
+        if cuda_bf16_is_fast(device):
+            return "bf16"
+        return "fp16" if torch.cuda.get_device_capability(device)[0] >= 7 else "fp32"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
@@ -101,15 +104,17 @@ class Pending:
     """A batch queued on the device; ``results()`` waits for it and returns one Result per row.
 
     Its embeddings come back in one copy: on CUDA non-blocking into pinned memory, with an event
-    recorded behind it, so the host can store the previous batch while this one runs.
+    recorded behind it, so the host can store the previous batch while this one runs. ``redo``
+    (fp16 only) recomputes one row in fp32 when its fp16 embedding overflowed.
     """
 
     def __init__(self, results: List[Result], rows: List[int], embeddings: Optional[torch.Tensor],
-                 event=None):
+                 event=None, redo: Optional[Callable[[int], Optional[torch.Tensor]]] = None):
         self._results = results
         self._rows = rows
         self._embeddings = embeddings
         self._event = event
+        self._redo = redo
 
     def results(self) -> List[Result]:
         if self._rows:
@@ -118,11 +123,16 @@ class Pending:
             array = self._embeddings.numpy()
             for position, row in enumerate(self._rows):
                 emb = np.array(array[position], dtype=np.float32)
+                if not np.isfinite(emb).all() and self._redo is not None:
+                    redone = self._redo(row)
+                    if redone is not None:
+                        log.info("an fp16 embedding overflowed; redone in fp32")
+                        emb = redone.cpu().numpy().astype(np.float32)
                 if np.isfinite(emb).all():
                     self._results[row].embedding = emb
                 else:
                     self._results[row].error = ("model", "the model produced a non-finite embedding")
-            self._rows, self._embeddings, self._event = [], None, None
+            self._rows, self._embeddings, self._event, self._redo = [], None, None, None
         return self._results
 
 
@@ -170,27 +180,30 @@ class Embedder:
         # fp32 means fp32 on CUDA (no TF32): the fbank, the conv reading it, and --dtype fp32
         self.exact_fp32 = device.type == "cuda"
 
-    def _autocast(self):
-        if self.dtype == "fp32":
+    def _autocast(self, dtype: Optional[str] = None):
+        dtype = dtype or self.dtype
+        if dtype == "fp32":
             return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=DTYPES[self.dtype])
+        return torch.autocast(device_type=self.device.type, dtype=DTYPES[dtype])
 
     @torch.inference_mode()
-    def _forward(self, feats: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-        """(B, T, F) features on the device and (B,) frame counts on the host -> (B, D) fp32."""
+    def _forward(self, feats: torch.Tensor, frames: torch.Tensor, dtype: Optional[str] = None) -> torch.Tensor:
+        """(B, T, F) features on the device and (B,) frame counts on the host -> (B, D) fp32;
+        ``dtype`` overrides the embedder's (an fp32 redo)."""
         if self.grid:
             padded = grid_frames(feats.shape[1], self.grid_steps)
             if padded > feats.shape[1]:  # zeros beyond every utterance: masked, invisible
                 feats = F.pad(feats, (0, 0, 0, padded - feats.shape[1]))
         lengths = None if bool((frames == feats.shape[1]).all()) else frames  # host: no device sync
-        with self._autocast():
+        with self._autocast(dtype):
             out = self.model(feats, lengths)
         return out.float()
 
-    def _forward_splitting(self, feats: torch.Tensor, frames: torch.Tensor) -> List[Optional[torch.Tensor]]:
+    def _forward_splitting(self, feats: torch.Tensor, frames: torch.Tensor,
+                           dtype: Optional[str] = None) -> List[Optional[torch.Tensor]]:
         """Forward; on out-of-memory halve the batch and retry, down to one utterance."""
         try:
-            return list(self._forward(feats, frames))
+            return list(self._forward(feats, frames, dtype))
         except (RuntimeError, torch.OutOfMemoryError) as exc:
             if not _is_oom(exc):
                 raise
@@ -204,8 +217,8 @@ class Embedder:
         half = feats.shape[0] // 2
         log.warning("out of memory at batch %d x %d frames; retrying as two halves",
                     feats.shape[0], feats.shape[1])
-        first = self._forward_splitting(feats[:half, :int(frames[:half].max())], frames[:half])
-        second = self._forward_splitting(feats[half:, :int(frames[half:].max())], frames[half:])
+        first = self._forward_splitting(feats[:half, :int(frames[:half].max())], frames[:half], dtype)
+        second = self._forward_splitting(feats[half:, :int(frames[half:].max())], frames[half:], dtype)
         return first + second
 
     @torch.inference_mode()
@@ -253,10 +266,14 @@ class Embedder:
                 if emb is not None:
                     rows.append(row)
                     outputs.append(emb)
-            del feats
             if not rows:
                 return Pending(results, [], None)
-            return Pending(results, rows, *self._copy_back(torch.stack(outputs)))
+            redo = None
+            if self.dtype == "fp16":  # fp16 overflows above 65504: such a row is redone in fp32
+                def redo(row: int, feats=feats) -> Optional[torch.Tensor]:
+                    return self._redo_fp32(feats[row, :frames_list[row]], results[row])
+            del feats
+            return Pending(results, rows, *self._copy_back(torch.stack(outputs)), redo=redo)
 
     @staticmethod
     def _copy_back(embeddings: torch.Tensor):
@@ -269,7 +286,15 @@ class Embedder:
         event.record()
         return host, event
 
-    def _embed_long(self, feats: torch.Tensor, result: Result) -> Optional[torch.Tensor]:
+    @torch.inference_mode()
+    def _redo_fp32(self, feats: torch.Tensor, result: Result) -> Optional[torch.Tensor]:
+        """One utterance's (T, F) features -> its fp32 embedding, chunked as in the first pass (or None)."""
+        with exact_fp32(self.exact_fp32):
+            if feats.shape[0] > self.max_chunk_frames:
+                return self._embed_long(feats, result, "fp32")
+            return self._forward_splitting(feats.unsqueeze(0), torch.tensor([feats.shape[0]]), "fp32")[0]
+
+    def _embed_long(self, feats: torch.Tensor, result: Result, dtype: Optional[str] = None) -> Optional[torch.Tensor]:
         """The length-weighted mean of the chunk embeddings (on the device), or None (result.error set)."""
         total = feats.shape[0]
         pieces = -(-total // self.max_chunk_frames)
@@ -277,7 +302,7 @@ class Embedder:
         weighted = None
         for start, end in zip(bounds[:-1], bounds[1:]):
             chunk = feats[start:end].unsqueeze(0)
-            emb = self._forward_splitting(chunk, torch.tensor([end - start]))[0]
+            emb = self._forward_splitting(chunk, torch.tensor([end - start]), dtype)[0]
             if emb is None:
                 result.error = ("model", "out of memory even for one chunk")
                 return None

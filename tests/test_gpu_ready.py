@@ -63,11 +63,44 @@ def test_srun_with_one_gpu_bound_per_task():
 
 
 # --- fault 6: numerics -----------------------------------------------------------------------------
-@pytest.mark.parametrize("capability, want", [((7, 0), "fp32"), ((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+@pytest.mark.parametrize("capability, want", [((6, 1), "fp32"), ((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
+                                              ((9, 0), "bf16")])
 def test_auto_dtype_on_cuda_follows_compute_capability(monkeypatch, capability, want):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # true on V100/T4 too
     assert default_dtype(torch.device("cuda", 0)) == want
+
+
+def test_fp16_overflow_is_redone_in_fp32(fixtures_dir, caplog):
+    """fp16 (the default on V100/T4) has a smaller range than bf16: a row whose fp16 embedding is not
+    finite is recomputed in fp32 from its features instead of failing the file."""
+    config = load_config(fixtures_dir / "campplus_tiny" / "config.yaml")
+
+    def make(dtype):
+        return Embedder(load_model(config, fixtures_dir / "campplus_tiny" / "model.ckpt"), config,
+                        torch.device("cpu"), dtype=dtype, max_chunk_frames=150)
+
+    waves = [tone(s, seed=i) for i, s in enumerate([1.0, 0.6, 2.0])]  # 2.0 s: two chunks
+    want = make("fp32").embed_waves(waves)
+    embedder = make("fp16")
+    forward = embedder.model.forward
+
+    def overflowing(x, lengths=None):
+        out = forward(x, lengths)
+        if torch.is_autocast_enabled("cpu") and x.shape[0] > 1:  # the fp16 batch: row 1 overflows
+            out = out.clone()
+            out[1] = float("inf")
+        return out
+
+    embedder.model.forward = overflowing
+    with caplog.at_level(logging.INFO, logger="speakerlab"):
+        got = embedder.embed_waves(waves)
+    assert all(r.error is None for r in got)
+    np.testing.assert_allclose(got[1].embedding, want[1].embedding, rtol=1e-5, atol=1e-6)  # redone: fp32
+    assert "redone in fp32" in caplog.text
+    for i in (0, 2):
+        assert np.dot(got[i].embedding, want[i].embedding) / (
+            np.linalg.norm(got[i].embedding) * np.linalg.norm(want[i].embedding)) > 0.999
 
 
 def _precision_state():

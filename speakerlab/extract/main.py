@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streams", type=int, default=-1,
                    help="CPU only: batches run concurrently, each single-threaded; -1 = auto (one per core, <= 16)")
     p.add_argument("--dtype", choices=["auto"] + list(DTYPES), default="auto",
-                   help="model precision; auto = bf16 on GPUs and on CPUs with native bf16, else fp32")
+                   help="model precision; auto = bf16 on GPUs of compute capability >= 8.0 (7.x: fp16) and on CPUs "
+                        "with native bf16, else fp32")
     p.add_argument("--length_grid", choices=["auto", "on", "off"], default="auto",
                    help="pad batches to one of 16 lengths per octave (<= 6.25%% more frames; GPU: 8, <= 12.5%%) "
                         "so batch shapes repeat and oneDNN / cuDNN reuse their set-up; auto = on")
