@@ -341,12 +341,12 @@ def check_oom(args, sizes, clips, workdir, device) -> dict:
     try:
         if device.type == "cuda":
             def peak(n):
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(device)
                 torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+                torch.cuda.reset_peak_memory_stats(device)
                 embedder.embed_waves(waves[:n])
-                torch.cuda.synchronize()
-                return torch.cuda.max_memory_reserved()
+                torch.cuda.synchronize(device)
+                return torch.cuda.max_memory_reserved(device)
             whole, half = peak(count), peak(count // 2)
             cap = (whole + half) / 2
             torch.cuda.empty_cache()
@@ -401,6 +401,9 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device here (use --dry_run for the CPU rehearsal)", file=sys.stderr)
         return 2
+    if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)
+        torch.cuda.set_device(device)  # the memory statistics and caps below read the current device
     if device.type == "cpu":  # one thread, as each of the pipeline's CPU streams (threads stall on a busy CPU)
         torch.set_num_threads(1)
     sizes = SIZES["dry" if args.dry_run else "gpu"]
