@@ -54,34 +54,34 @@ def plan_in_flight(batch_bytes: int, workers: int, prefetch: int, ranks_on_node:
                    memory_limit: Optional[int] = None) -> Tuple[int, int, Optional[str]]:
     """(workers, prefetch per worker, note or None) such that the batches in flight fit.
 
-    ``batch_bytes`` is the largest planned batch; the ranks on a node share /dev/shm and the
-    memory, so each rank plans with half of its share of the free space (room for the batch being
-    pinned, and for anything else using /dev/shm). Pinned memory (GPU) is kept under a quarter of
-    the rank's share of the memory limit: it cannot be swapped, and torch caches what it pinned.
-    Prefetch is lowered first, then workers; HostMemoryError when one batch per worker does not fit.
+    ``batch_bytes`` is the largest planned batch. The ranks on a node share /dev/shm and the memory;
+    a rank's share of /dev/shm is its part of the free space, of the memory half its part of the limit
+    (pinned memory cannot be swapped, and torch caches what it pinned). Batches in flight are kept to
+    half a share (room for the batch being pinned and for anything else): prefetch is lowered first,
+    then workers. HostMemoryError when a single batch exceeds a share.
     """
     if workers <= 0:
         return workers, prefetch, None  # decoding in the rank: nothing crosses processes
     ranks = max(1, ranks_on_node)
-    budgets = []
+    shares = []
     if shm_free is not None:
-        budgets.append(("/dev/shm", shm_free / ranks / 2, shm_free))
+        shares.append(("/dev/shm", shm_free / ranks, shm_free))
     if pinned and memory_limit is not None:
-        budgets.append(("pinned memory", memory_limit / ranks / 4, memory_limit))
+        shares.append(("pinned memory", memory_limit / ranks / 2, memory_limit))
     want_workers, want_prefetch = workers, prefetch
-    for what, budget, total in budgets:
-        if batch_bytes > budget:
+    for what, share, total in shares:
+        if batch_bytes > share:
             raise HostMemoryError(
                 f"{what} too small: {_gb(total)} for {ranks} rank(s), and one batch of decoded audio is "
                 f"{_gb(batch_bytes)}; give the container more (docker run --shm-size=8g), or use smaller "
                 f"batches (--batch_frames), or decode in the rank itself (--num_workers 0, slower)")
-        while workers * prefetch * batch_bytes > budget and prefetch > 1:
+        while workers * prefetch * batch_bytes > share / 2 and prefetch > 1:
             prefetch -= 1
-        while workers * prefetch * batch_bytes > budget and workers > 1:
+        while workers * prefetch * batch_bytes > share / 2 and workers > 1:
             workers -= 1
     note = None
     if (workers, prefetch) != (want_workers, want_prefetch):
-        note = (f"{', '.join(f'{w} {_gb(t)}' for w, _, t in budgets)} for {ranks} rank(s): "
+        note = (f"{', '.join(f'{w} {_gb(t)}' for w, _, t in shares)} for {ranks} rank(s): "
                 f"{workers} decode worker(s) x {prefetch} batch(es) of up to {_gb(batch_bytes)} in flight "
                 f"instead of {want_workers} x {want_prefetch}")
     return workers, prefetch, note

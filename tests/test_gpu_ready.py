@@ -278,6 +278,8 @@ def test_in_flight_batches_shrink_to_fit():
                                           memory_limit=4 * 10 ** 9)                # pinned: 1 GB
     assert (workers, prefetch) == (8, 1)  # prefetch goes first: decode parallelism matters more
     assert plan_in_flight(batch, 0, 2, 1, shm_free=0) == (0, 2, None)              # no workers, no shm
+    hour = 3600 * 16000 * 4  # a one-hour file is a batch of its own: 230 MB
+    assert plan_in_flight(hour, 8, 4, 8, shm_free=4 * 10 ** 9)[:2] == (1, 1)      # fits a rank's share, alone
 
 
 def test_shm_measured_and_mocked(monkeypatch):

@@ -139,7 +139,7 @@ def test_too_small_shm_is_one_line(tmp_path, capsys, monkeypatch):
     from speakerlab.extract import main
     from speakerlab.extract import worker
     _clean_env(monkeypatch)
-    monkeypatch.setattr(worker, "shm_free_bytes", lambda: 100_000)
+    monkeypatch.setattr(worker, "shm_free_bytes", lambda: 50_000)  # one 1 s batch is 64 kB
     for i in range(3):
         write_wav(tmp_path / "data" / "ds" / "spk" / f"u{i}.wav", tone(1.0, seed=i))
     argv = [str(a) for a in extract_cmd(tmp_path / "data", tmp_path / "out", *micro_model(tmp_path / "m"),

@@ -24,7 +24,7 @@ log = logging.getLogger("speakerlab")
 class ShardPlan:
     """How a shard is run: batch budget, decode workers, model streams, flushing."""
     batch_frames: int
-    batch_size: int
+    batch_size: Optional[int]  # None: no count cap (GPU: the frame budget alone)
     num_workers: int
     streams: int
     threads: int
