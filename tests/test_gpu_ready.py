@@ -238,11 +238,19 @@ class DeviceReads(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize("name", ["campplus_tiny", "eres2netv2_tiny"])
-def test_batch_is_queued_without_reading_the_device(fixtures_dir, name):
+@pytest.mark.parametrize("name, oom", [("campplus_tiny", False), ("eres2netv2_tiny", False), ("campplus_tiny", True)])
+def test_batch_is_queued_without_reading_the_device(fixtures_dir, name, oom):
     config = load_config(fixtures_dir / name / "config.yaml")
     embedder = Embedder(load_model(config, fixtures_dir / name / "model.ckpt"), config,
                         torch.device("meta"), dtype="fp32", max_chunk_frames=150)
+    if oom:  # the out-of-memory split reads nothing back either
+        forward = embedder.model.forward
+
+        def small_only(x, lengths=None):
+            if x.shape[0] > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return forward(x, lengths)
+        embedder.model.forward = small_only
     copies = []
     embedder._copy_back = lambda embeddings: (copies.append(tuple(embeddings.shape)),
                                               torch.zeros(embeddings.shape), None)[1:]
