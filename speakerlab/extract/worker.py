@@ -208,7 +208,7 @@ def submit_batch(embedder: Embedder, waves: torch.Tensor, lengths: torch.Tensor,
 
 def in_flight(batches, est, plan: ShardPlan, notes: Optional[dict] = None):
     """(decode workers, batches prefetched per worker) that /dev/shm and pinned memory can hold
-    (hostmem.plan_in_flight; HostMemoryError when not even one batch per worker fits)."""
+    (hostmem.plan_in_flight; HostMemoryError when a single batch does not fit this process's share)."""
     largest = max((len(b) * max(est[i] for i in b) for b in batches if b), default=0) * 4  # float32 samples
     workers, prefetch, note = plan_in_flight(largest, plan.num_workers, 4, plan.processes_on_host,
                                              shm_free_bytes(), pinned=plan.pin_memory,
