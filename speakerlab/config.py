@@ -12,6 +12,7 @@ A config looks like::
 ``<name>`` strings refer to top-level keys and are resolved (recursively). Only ``embedding_model``,
 ``sample_rate`` and ``fbank_dim`` matter here; other keys (training settings) are kept and ignored.
 """
+import errno
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,31 @@ _REFERENCE = re.compile(r"^<([A-Za-z_][A-Za-z0-9_]*)>$")
 
 class ConfigError(ValueError):
     pass
+
+
+# The model YAMLs shipped inside the package (conf/ at the top of a checkout links here).
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "conf"
+
+
+def packaged_configs() -> Dict[str, Path]:
+    """{name: path} of the shipped configs, e.g. {"eres2netv2": .../speakerlab/conf/eres2netv2.yaml}."""
+    return {path.stem: path for path in sorted(PACKAGED_CONFIGS.glob("*.yaml"))}
+
+
+def resolve_config_path(path) -> Path:
+    """``path`` if it exists; otherwise a known name (``eres2netv2``, ``eres2netv2.yaml`` or
+    ``conf/eres2netv2.yaml``, as the README writes it) means the shipped config, from any directory.
+    Anything else is returned unchanged, so the error names what the user gave."""
+    path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    parts = path.parts
+    if len(parts) == 1 or (len(parts) == 2 and parts[0] == "conf"):
+        name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+        known = packaged_configs().get(name)
+        if known is not None:
+            return known
+    return path
 
 
 @dataclass
@@ -80,11 +106,15 @@ def config_from_dict(raw: Dict[str, Any], source: str = "<dict>") -> ModelConfig
 
 
 def load_config(path) -> ModelConfig:
-    path = Path(path)
+    """Read a YAML config; a known name that is not a file here (``conf/eres2netv2.yaml``) is the shipped one."""
+    path = resolve_config_path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        hint = ""
+        if exc.errno == errno.ENOENT:
+            hint = f" (shipped configs: {', '.join(f'conf/{name}.yaml' for name in packaged_configs())})"
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}{hint}") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.add_argument("--scan_timeout", type=float, default=12 * 3600,
                    help="seconds the other ranks wait for rank 0's scan of the input")
+    p.add_argument("--check_only", action="store_true",
+                   help="check the input, model, config and output dir, then exit: 0 if all is well, else "
+                        "2 with the reason (the driver runs this in one process before torchrun)")
     return p
 
 
@@ -493,6 +496,13 @@ def run(args) -> int:
         model = load_model(config, model_path)
     except ModelLoadError as exc:
         raise UsageError(str(exc)) from None
+    if args.check_only:
+        from speakerlab.checks import writable_dir_problem
+        problem = writable_dir_problem(output_dir, "--output_dir")
+        if problem:
+            raise UsageError(problem)
+        log.info("arguments OK: input %s, model %s, output dir %s", source["path"], model_name, output_dir.absolute())
+        return 0
     embedder = Embedder(model, config, device, dtype=dtype,
                         max_chunk_frames=int(args.max_chunk_s * 100), fuse=not args.no_fusion,
                         grid=None if args.length_grid == "auto" else args.length_grid == "on")
@@ -717,7 +727,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run(args)
     except (UsageError, data_mod.DataError) as exc:
         tell_waiting_ranks(Path(args.output_dir), str(exc))
-        print(f"error: {exc}", file=sys.stderr)
+        sys.stderr.write(f"error: {exc}\n")  # one write: ranks sharing a terminal or pipe do not interleave it
+        sys.stderr.flush()
         return 2
     except BaseException as exc:
         tell_waiting_ranks(Path(args.output_dir), f"{type(exc).__name__}: {exc}")

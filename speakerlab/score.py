@@ -33,6 +33,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from speakerlab.cli import prog
+
 log = logging.getLogger("speakerlab")
 LABELS = {"target": 1, "nontarget": 0}
 
@@ -355,7 +357,8 @@ def score_trials(embeddings: Union[str, Path, EmbeddingTable], trials: Union[str
 
 # --- command line --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Cosine scoring of a trial list: EER and minDCF.")
+    p = argparse.ArgumentParser(prog=prog("speakerlab.score"),
+                                description="Cosine scoring of a trial list: EER and minDCF.")
     p.add_argument("--embeddings", required=True, help="merged output dir (utterance_embeddings.npz or .pkl)")
     p.add_argument("--trials", required=True, help="'a b target|nontarget' or '1|0 a b' per line")
     p.add_argument("--output", default=None, help="write the metrics and unscored trials here (JSON)")
