@@ -335,6 +335,11 @@ def score_trials(embeddings: Union[str, Path, EmbeddingTable], trials: Union[str
         if cohort.matrix.shape[1:] != table.matrix.shape[1:]:
             raise ScoreError(f"cohort {cohort.source} has {cohort.matrix.shape[1]}-d embeddings, the trials' "
                              f"are {table.matrix.shape[1]}-d")
+        if asnorm_top_n > len(cohort.keys):
+            # not an error (all of the cohort is used), but not what was asked for: say so
+            log.warning("warning: --asnorm_top_n %d is larger than the cohort (%d %s embeddings in %s): "
+                        "AS-norm uses all %d", asnorm_top_n, len(cohort.keys), cohort_level, cohort.source,
+                        len(cohort.keys))
         scores = asnorm(raw, enroll_idx, test_idx, unit, unit_rows(cohort.matrix, mean), asnorm_top_n)
         normalization["asnorm"] = {"cohort": cohort.source, "level": cohort_level,
                                    "top_n": min(asnorm_top_n, len(cohort.keys)), "cohort_size": len(cohort.keys)}
