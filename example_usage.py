@@ -13,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 import speakerlab
 
 MAX_TABLE = 12  # speakers shown in the printed similarity table
@@ -103,6 +105,27 @@ def speaker_table(emb) -> None:
         closest = max(((sims[i, j], keys[i], keys[j]) for i in range(len(keys)) for j in range(i + 1, len(keys))))
         print(f"most similar pair of speakers: {short(emb, closest[1])} and {short(emb, closest[2])} "
               f"({closest[0]:.3f})")
+        cosine_ranges(emb)
+
+
+def cosine_ranges(emb) -> None:
+    """How far apart the speakers are, utterance by utterance and against the speaker embeddings
+    (the README's demo figures come from here)."""
+    from speakerlab.plots import pair_scores
+    same, other = pair_scores(emb)  # all utterance pairs, sampled when there are very many
+    if len(same) and len(other):
+        print(f"utterance pairs: same speaker {same.min():.2f} to {same.max():.2f} ({len(same)} pairs), "
+              f"different speakers {other.min():.2f} to {other.max():.2f} ({len(other)} pairs)")
+    keys, unit = emb.matrix(normalize=True)
+    speakers, spk_unit = emb.matrix("speaker", normalize=True)
+    if len(keys) * len(speakers) > 20_000_000:
+        return
+    sims = unit @ spk_unit.T
+    own = np.array([speakers.index(emb.speaker_of(k)) for k in keys])
+    mine = sims[np.arange(len(keys)), own]
+    sims[np.arange(len(keys)), own] = np.nan
+    print(f"utterance to speaker embedding: its own {mine.min():.2f} to {mine.max():.2f}, "
+          f"other speakers {np.nanmin(sims):.2f} to {np.nanmax(sims):.2f}")
 
 
 def search_demo(emb, dataset: str, speaker: str, k: int) -> None:

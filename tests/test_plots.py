@@ -175,6 +175,17 @@ def test_example_usage_prints_demos_and_plots(final, tmp_path):
         assert heading in r.stdout
     assert "same speaker:" in r.stdout and "other speakers:" in r.stdout
     assert len(list((tmp_path / "pics").glob("*.png"))) == 5
+    # the cosine ranges it prints are those of the set
+    emb = speakerlab.load_embeddings(final)
+    keys, unit = emb.matrix(normalize=True)
+    labels = emb.speaker_labels()
+    sims = unit @ unit.T
+    pairs = [(sims[i, j], labels[i] == labels[j]) for i in range(len(keys)) for j in range(i + 1, len(keys))]
+    same = [c for c, s in pairs if s]
+    other = [c for c, s in pairs if not s]
+    assert (f"utterance pairs: same speaker {min(same):.2f} to {max(same):.2f} ({len(same)} pairs), "
+            f"different speakers {min(other):.2f} to {max(other):.2f} ({len(other)} pairs)") in r.stdout
+    assert "utterance to speaker embedding: its own " in r.stdout
     trials = tmp_path / "trials"
     trials.write_text("dsA_spk0_u00 dsA_spk0_u01 target\ndsA_spk0_u00 dsB_spk1_u00 nontarget\n")
     r = run_cli([sys.executable, ROOT / "example_usage.py", final, "--query", "dsB/spk2/u00.wav",
