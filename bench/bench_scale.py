@@ -68,7 +68,7 @@ def run_measured(cmd):
 
 
 def phase_scan(args) -> dict:
-    """Runs in its own process: the scan as extract.prepare_scan does it."""
+    """Runs in its own process: the scan as extract.coordinate.prepare_scan does it."""
     from speakerlab import data as data_mod
     timings = {}
     t = time.perf_counter()

@@ -84,11 +84,8 @@ class SpeakerModel:
 
     def __init__(self, model, config, device, dtype: str = "auto", channels: str = "first",
                  max_chunk_s: float = 300.0, name: str = "", checkpoint: str = "", fuse: bool = True):
-        from speakerlab.embedder import DTYPES, Embedder, default_dtype
-        if dtype == "auto":
-            dtype = default_dtype(device)
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, not {dtype!r}")
+        from speakerlab.embedder import Embedder, resolve_dtype
+        dtype = resolve_dtype(dtype, device)
         if channels not in ("first", "mean"):
             raise ValueError(f"channels must be 'first' or 'mean', not {channels!r}")
         self.config = config
@@ -97,8 +94,7 @@ class SpeakerModel:
         self.channels = channels
         self.name = name
         self.checkpoint = checkpoint
-        self.embedder = Embedder(model, config, device, dtype=dtype, max_chunk_frames=int(max_chunk_s * 100),
-                                 fuse=fuse)
+        self.embedder = Embedder(model, config, device, dtype=dtype, max_chunk_s=max_chunk_s, fuse=fuse)
 
     @property
     def sample_rate(self) -> int:
@@ -149,11 +145,9 @@ class SpeakerModel:
 
     def _embed_many(self, items, rates, batch_size, batch_frames, on_error) -> np.ndarray:
         from speakerlab.batching import pad_waves, plan_batches
-        from speakerlab.embedder import default_batch_frames
         dim = None
         rows: List[Optional[np.ndarray]] = [None] * len(items)
-        if batch_frames is None:
-            batch_frames = default_batch_frames(self.device, self.embedder.model)
+        batch_frames = self.embedder.batch_frames(batch_frames)
         block = max(1, batch_size) * 8  # decode a bounded number of inputs at a time
         for first in range(0, len(items), block):
             labels, waves, positions = [], [], []
@@ -209,13 +203,7 @@ def load_model(model_path=None, config_file=None, device=None, dtype: str = "aut
     from speakerlab import zoo
     from speakerlab.config import load_config
     from speakerlab.models import load_model as build_and_load
-    if model_path is None:
-        model_path, name = zoo.default_model_path(), zoo.DEFAULT_MODEL_NAME
-        config_file = config_file or zoo.DEFAULT_MODEL_CONFIG
-    else:
-        if config_file is None:
-            raise ValueError("model_path needs config_file (a model YAML, e.g. conf/eres2netv2.yaml)")
-        name = Path(model_path).name
+    model_path, config_file, name = zoo.resolve_model(model_path, config_file)
     config = load_config(config_file)
     model = build_and_load(config, model_path)
     return SpeakerModel(model, config, _pick_device(device), dtype=dtype, channels=channels,
@@ -445,14 +433,15 @@ class EmbeddingSet:
         if self._model is not None and device is None and dtype is None:
             return self._model
         from speakerlab.config import ModelConfig
-        from speakerlab.models import file_sha256, load_model as build_and_load
+        from speakerlab.models import load_model as build_and_load
+        from speakerlab.zoo import sha256_of
         info = self.summary.get("model") or {}
         checkpoint = info.get("checkpoint")
         if not checkpoint or not info.get("config"):
             raise ValueError("summary.json names no model; use speakerlab.load_model(...) and embed yourself")
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"the model of this set, {checkpoint}, is not there any more")
-        if info.get("sha256") and file_sha256(checkpoint) != info["sha256"]:
+        if info.get("sha256") and sha256_of(checkpoint) != info["sha256"]:
             raise ValueError(f"{checkpoint} has changed since this set was made (sha256 differs)")
         raw = info["config"]
         config = ModelConfig(obj=raw["obj"], args=dict(raw.get("args") or {}),

@@ -32,6 +32,15 @@ def default_dtype(device: torch.device) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """``auto`` -> the default for ``device``; anything else must name one of ``DTYPES``."""
+    if dtype == "auto":
+        return default_dtype(device)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, not {dtype!r}")
+    return dtype
+
+
 @dataclass
 class Result:
     embedding: Optional[np.ndarray] = None
@@ -77,7 +86,8 @@ def _is_oom(exc: BaseException) -> bool:
 class Embedder:
     """fbank + model on ``device``; ``embed(waves, lengths)`` handles a padded batch.
 
-    Long inputs (more than ``max_chunk_frames`` feature frames) are embedded in equal chunks whose
+    Long inputs (more than ``max_chunk_s`` seconds, counted in feature frames of the fbank's shift;
+    or ``max_chunk_frames`` frames) are embedded in equal chunks whose
     embeddings are averaged, weighted by chunk length; the features are computed and mean-normalised
     over the whole file first, so every chunk sees the same normalisation. Shorter inputs get
     exactly the reference's whole-utterance embedding.
@@ -85,13 +95,16 @@ class Embedder:
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, device: torch.device,
                  dtype: str = "fp32", channels_last: Optional[bool] = None,
-                 max_chunk_frames: int = 30000, fuse: bool = True, grid: Optional[bool] = None):
+                 max_chunk_frames: int = 30000, fuse: bool = True, grid: Optional[bool] = None,
+                 max_chunk_s: Optional[float] = None):
         self.device = device
         self.dtype = dtype
         self.model = model.eval().to(device)
         self.fbank = Fbank(FbankConfig(sample_rate=config.sample_rate,
                                        num_mel_bins=config.fbank_dim)).to(device)
         self.min_frames = int(getattr(model, "min_frames", 2))
+        if max_chunk_s is not None:
+            max_chunk_frames = int(max_chunk_s * self.frames_per_second())
         self.max_chunk_frames = max(self.min_frames, int(max_chunk_frames))
         is_2d = any(isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1) for m in model.modules())
         if channels_last is None:
@@ -201,6 +214,13 @@ class Embedder:
             result.error = ("model", "the model produced a non-finite embedding")
         else:
             result.embedding = array
+
+    def frames_per_second(self) -> float:
+        return self.fbank.config.sample_rate / self.fbank.config.frame_shift
+
+    def batch_frames(self, requested: Optional[int] = None) -> int:
+        """The frame budget per batch: ``requested``, else the measured default for this model and device."""
+        return requested or default_batch_frames(self.device, self.model)
 
     def min_frames_seconds(self) -> float:
         cfg = self.fbank.config

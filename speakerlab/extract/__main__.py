@@ -1,0 +1,5 @@
+import sys
+
+from speakerlab.extract import main
+
+sys.exit(main())

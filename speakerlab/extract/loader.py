@@ -1,0 +1,126 @@
+"""Decoding in DataLoader workers: the dataset, batches as a named tuple, and the crash journal that
+names the file a dead decoder was on."""
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import List, NamedTuple, Optional
+
+import torch
+
+from speakerlab.audio import AudioError, load_audio
+from speakerlab.batching import pad_waves
+
+# A rank gives up (and a rerun resumes) after this many decoder crashes in one run.
+MAX_DECODER_CRASHES = 100
+
+
+class DecodeJournal:
+    """Which file each decode worker process is decoding, one small file per worker pid.
+
+    A decoder that crashes the process (a segfault in a codec library, the kernel's OOM killer)
+    leaves no Python exception to catch; the journal of the dead pid names its file, so that file is
+    listed as failed and the rank goes on without it instead of dying on it at every rerun.
+    """
+
+    WIDTH = 16
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self._fd = None
+        self._pid = None
+
+    def _open(self):
+        if self._pid != os.getpid():  # first use in this (forked) worker
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.dir / str(os.getpid()), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._pid = os.getpid()
+        return self._fd
+
+    def start(self, index: int) -> None:
+        os.pwrite(self._open(), f"{index:>{self.WIDTH}}".encode(), 0)
+
+    def finish(self) -> None:
+        os.pwrite(self._open(), b" " * self.WIDTH, 0)
+
+    def current(self, pid: int) -> Optional[int]:
+        try:
+            text = (self.dir / str(pid)).read_text().strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    def forget(self, pid: int) -> None:
+        (self.dir / str(pid)).unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class WaveDataset(torch.utils.data.Dataset):
+    def __init__(self, utterances, sample_rate: int, channels: str, journal: Optional[DecodeJournal] = None):
+        self.utterances = utterances
+        self.sample_rate = sample_rate
+        self.channels = channels
+        self.journal = journal
+
+    def __len__(self):
+        return len(self.utterances)
+
+    def __getitem__(self, index):
+        utt = self.utterances[index]
+        if self.journal is not None:
+            self.journal.start(index)
+        try:
+            return index, load_audio(utt.path, self.sample_rate, self.channels, utt.start, utt.end)
+        except AudioError as exc:
+            return index, exc
+        except Exception as exc:  # anything unforeseen is still one file's failure, not the rank's
+            return index, AudioError(utt.path, "decode", f"{type(exc).__name__}: {exc}")
+        finally:
+            if self.journal is not None:
+                self.journal.finish()
+
+
+class Batch(NamedTuple):
+    """One decoded batch: ``waves`` (B, N) padded, ``lengths`` (B,), ``indices`` their dataset
+    indices; ``bad`` the [(index, AudioError)] of files that did not decode."""
+    indices: List[int]
+    waves: torch.Tensor
+    lengths: torch.Tensor
+    bad: list
+
+
+def collate(items) -> Batch:
+    good = [(i, w) for i, w in items if not isinstance(w, AudioError)]
+    bad = [(i, w) for i, w in items if isinstance(w, AudioError)]
+    waves, lengths = pad_waves([w for _, w in good])
+    return Batch([i for i, _ in good], waves, lengths, bad)
+
+
+_DEAD_WORKER = re.compile(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\) (exited unexpectedly|is killed by signal: .*)")
+
+
+def dead_workers(exc: BaseException):
+    """(pids, how) of the decode workers a DataLoader error reports dead, or None for other errors."""
+    match = _DEAD_WORKER.search(str(exc))
+    if not match:
+        return None
+    pids = [int(p) for p in re.findall(r"\d+", match.group(1))]
+    return pids, match.group(2).rstrip(". ")
+
+
+def crashed_files(exc: BaseException, journal: Optional[DecodeJournal], pending) -> list:
+    """[(dataset index, how)] for the pending files dead decode workers were on; [] if unknown.
+    Each dead worker's journal is removed once read (a later worker may reuse its pid)."""
+    dead = dead_workers(exc)
+    if dead is None or journal is None:
+        return []
+    pids, how = dead
+    found = []
+    for pid in pids:
+        index = journal.current(pid)
+        journal.forget(pid)
+        if index is not None and index in pending:
+            found.append((index, how))
+    return found

@@ -1,0 +1,262 @@
+"""Stage 1: one rank's share of the utterances -> embeddings under ``output_dir/rank_XX``.
+
+Runs as plain ``python`` (one rank), under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK, any
+number of nodes sharing ``output_dir``) or as ``srun`` tasks (SLURM_PROCID / SLURM_NTASKS). Rank 0
+reads the input (a tree, a manifest or a Kaldi data dir) and saves ``scan.json``; every rank takes
+its duration-balanced shard, skips what an earlier run already flushed, and writes its results
+atomically as it goes, only under its own ``rank_XX``. This module is the orchestration: parser ->
+options -> run().
+"""
+import argparse
+import hashlib
+import logging
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from speakerlab import data as data_mod
+from speakerlab import manifest as manifest_mod
+from speakerlab import zoo
+from speakerlab.config import ConfigError, load_config
+from speakerlab.embedder import DTYPES, Embedder, resolve_dtype
+from speakerlab.extract.coordinate import shared_scan, tell_waiting_ranks
+from speakerlab.extract.loader import DecodeJournal
+from speakerlab.extract.options import ExtractOptions, UsageError
+from speakerlab.extract.runtime import cpu_plan, pick_device, rank_info, versions
+from speakerlab.extract.worker import ShardPlan, embed_shard, signals_held
+from speakerlab.models import ModelLoadError, load_model
+from speakerlab.store import RankStore, atomic_write_json
+
+log = logging.getLogger("speakerlab")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Extract speaker embeddings (one torchrun rank).")
+    p.add_argument("--data_root", default=None,
+                   help="data_root/<dataset>/<speaker>/<utt>.<wav|flac|ogg|mp3>; with --manifest or --kaldi_dir: "
+                        "the folder that relative audio paths start from")
+    p.add_argument("--manifest", default=None,
+                   help="CSV/TSV/JSONL list instead of a tree: columns path, speaker, dataset [, utterance, start, end]")
+    p.add_argument("--kaldi_dir", default=None,
+                   help="Kaldi data dir instead of a tree: wav.scp, utt2spk [, segments]")
+    p.add_argument("--dataset", default=None,
+                   help="dataset name for --kaldi_dir (default: the dir's name) or manifest rows without one")
+    p.add_argument("--output_dir", required=True, help="per-rank results go to output_dir/rank_XX/")
+    p.add_argument("--model_path", default=None,
+                   help="checkpoint (state_dict); default: the embedded CAM++ zh/en common model")
+    p.add_argument("--config_file", default=None, help="3D-Speaker style model YAML (see conf/)")
+    p.add_argument("--use_gpu", action="store_true", help="run on CUDA when available (CPU otherwise)")
+    p.add_argument("--gpu", type=int, nargs="+", default=[0], help="GPU ids; rank uses gpu[LOCAL_RANK %% len]")
+    p.add_argument("--batch_size", type=int, default=128, help="most utterances in one batch")
+    p.add_argument("--batch_frames", type=int, default=None,
+                   help="padded feature frames per batch (10 ms each); default 120000 on GPU; on CPU 6000, "
+                        "or 1 (one utterance per batch) for ERes2Net models")
+    p.add_argument("--num_workers", type=int, default=-1, help="decode worker processes; -1 = auto")
+    p.add_argument("--streams", type=int, default=-1,
+                   help="CPU only: batches run concurrently, each single-threaded; -1 = auto (one per core, <= 16)")
+    p.add_argument("--dtype", choices=["auto"] + list(DTYPES), default="auto",
+                   help="model precision; auto = bf16 on GPUs and on CPUs with native bf16, else fp32")
+    p.add_argument("--length_grid", choices=["auto", "on", "off"], default="auto",
+                   help="pad batches to one of 16 lengths per octave (<= 6.25%% more frames) so batch shapes "
+                        "repeat and oneDNN reuses its kernels; auto = on for CPU, off for GPU")
+    p.add_argument("--no_fusion", action="store_true",
+                   help="run conv, BatchNorm and activation as separate ops, as the reference does "
+                        "(slower; fused is the same function, see speakerlab/models/fusion.py)")
+    p.add_argument("--channels", choices=["first", "mean"], default="first",
+                   help="multi-channel audio: first channel (3D-Speaker) or the mean of all")
+    p.add_argument("--max_chunk_s", type=float, default=300.0,
+                   help="longer files are embedded in equal chunks of at most this length, averaged")
+    p.add_argument("--flush_every", type=int, default=1000, help="flush results every N utterances")
+    p.add_argument("--flush_seconds", type=float, default=60.0, help="... or every N seconds")
+    p.add_argument("--header_threads", type=int, default=16, help="threads reading audio headers")
+    p.add_argument("--overwrite", action="store_true", help="discard earlier results in output_dir")
+    p.add_argument("--strict", action="store_true", help="exit non-zero if any file fails")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--scan_timeout", type=float, default=12 * 3600,
+                   help="seconds the other ranks wait for rank 0's scan of the input")
+    p.add_argument("--check_only", action="store_true",
+                   help="check the input, model, config and output dir, then exit: 0 if all is well, else "
+                        "2 with the reason (the driver runs this in one process before torchrun)")
+    return p
+
+
+# --- the steps of a run ---------------------------------------------------------------------
+def describe_input(options: ExtractOptions) -> dict:
+    if (options.manifest is not None) + (options.kaldi_dir is not None) > 1 or (
+            options.data_root is None and options.manifest is None and options.kaldi_dir is None):
+        raise UsageError("give exactly one input: --data_root DIR (a tree), --manifest FILE or --kaldi_dir DIR")
+    return manifest_mod.describe_source(options.data_root, options.manifest, options.kaldi_dir, options.dataset)
+
+
+def build_embedder(options: ExtractOptions, device: torch.device):
+    """(embedder, model identity) for the options' model on ``device``; bad model choices are UsageErrors."""
+    try:
+        model_path, config_file, model_name = zoo.resolve_model(options.model_path, options.config_file)
+        config = load_config(config_file)
+        model = load_model(config, model_path)
+    except (zoo.AssetError, zoo.ModelChoiceError, ConfigError, ModelLoadError) as exc:
+        raise UsageError(str(exc)) from None
+    embedder = Embedder(model, config, device, dtype=resolve_dtype(options.dtype, device),
+                        max_chunk_s=options.max_chunk_s, fuse=options.fuse, grid=options.grid)
+    identity = {"name": model_name, "checkpoint": str(model_path), "sha256": zoo.sha256_of(model_path),
+                "config": config.to_dict()}
+    return embedder, identity
+
+
+def keys_digest(utterances) -> str:
+    digest = hashlib.sha1()
+    for utt in utterances:
+        digest.update(utt.key.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()
+
+
+def describe_difference(old: dict, new: dict) -> str:
+    fields = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in fields)
+
+
+def open_rank_store(store: RankStore, fingerprint: dict, overwrite: bool) -> Optional[dict]:
+    """Resume, wipe or refuse what ``store`` holds; the earlier run's metadata when it is complete."""
+    previous = store.read_metadata()
+    if previous is not None and previous.get("fingerprint") != fingerprint:
+        if not overwrite:
+            raise UsageError(f"{store.dir} was made differently ({describe_difference(previous.get('fingerprint') or {}, fingerprint)}); "
+                             "use another --output_dir or --overwrite")
+        store.wipe()
+    elif overwrite:
+        store.wipe()
+    elif previous is not None and previous.get("complete"):
+        return previous
+    return None
+
+
+def scan_errors(scan, rank: int) -> int:
+    """Directories the scan could not list and the like; rank 0 answers for them."""
+    return len(scan.errors) if rank == 0 else 0
+
+
+def exit_status(embedded: int, failed: int, strict: bool, scan_problems: int = 0) -> int:
+    """0 when something was embedded (failures are listed and warned about); 1 when nothing was,
+    or with ``--strict`` when any file failed or the scan could not see everything."""
+    if failed and (strict or embedded == 0):
+        return 1
+    return 1 if scan_problems and strict else 0
+
+
+def make_progress(total: int, initial: int, rank: int, position: int, disabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=f"rank {rank}", unit="utt", position=position,
+                dynamic_ncols=True, mininterval=1.0, disable=disabled)
+
+
+# --- main ----------------------------------------------------------------------------------
+def run(options: ExtractOptions) -> int:
+    rank, world, local_rank, local_world = rank_info()
+    output_dir = Path(options.output_dir)
+    started = datetime.now(timezone.utc)
+    source = describe_input(options)
+    device = pick_device(options.use_gpu, options.gpu, local_rank)
+    num_workers, threads, streams = cpu_plan(options.num_workers, local_world, device, options.streams)
+    torch.set_num_threads(threads)
+    embedder, model_identity = build_embedder(options, device)
+    if options.check_only:
+        from speakerlab.checks import writable_dir_problem
+        problem = writable_dir_problem(output_dir, "--output_dir")
+        if problem:
+            raise UsageError(problem)
+        log.info("arguments OK: input %s, model %s, output dir %s", source["path"], model_identity["name"],
+                 output_dir.absolute())
+        return 0
+    output_dir.mkdir(parents=True, exist_ok=True)
+    scan = shared_scan(options, source, output_dir, rank, world)
+    shard = data_mod.shard_by_duration(scan.utterances, rank, world)
+    fingerprint = {"model_sha256": model_identity["sha256"], "model_config": model_identity["config"],
+                   "features": embedder.fbank.describe(), "dtype": embedder.dtype, "channels": options.channels,
+                   "max_chunk_s": options.max_chunk_s, "data_root": scan.data_root, "source": scan.source,
+                   "world_size": world,
+                   "rank": rank, "num_utterances": len(scan.utterances), "keys_sha1": keys_digest(scan.utterances)}
+
+    store = RankStore(output_dir, rank)
+    previous = open_rank_store(store, fingerprint, options.overwrite)
+    if previous is not None:
+        counts = previous["counts"]
+        log.info("rank %d: already complete (%d embedded, %d failed); nothing to do (--overwrite redoes it)",
+                 rank, counts["embedded"], counts["failed"])
+        if counts["failed"]:
+            log.warning("rank %d: %d of %d files failed (see %s)", rank, counts["failed"], counts["assigned"],
+                        store.metadata_path)
+        return exit_status(counts["embedded"], counts["failed"], options.strict, scan_errors(scan, rank))
+    store.dir.mkdir(parents=True, exist_ok=True)
+    plan = ShardPlan(batch_frames=embedder.batch_frames(options.batch_frames), batch_size=options.batch_size,
+                     num_workers=num_workers, streams=streams, threads=threads, channels=options.channels,
+                     flush_every=options.flush_every, flush_seconds=options.flush_seconds,
+                     pin_memory=device.type == "cuda")
+    metadata = {"rank": rank, "world_size": world, "complete": False, "fingerprint": fingerprint,
+                "model": model_identity, "started": started.isoformat(), "command": sys.argv,
+                "device": str(device), "dtype": embedder.dtype, "versions": versions(),
+                "batch_policy": {"batch_frames": None, "batch_size": options.batch_size,
+                                 "fused": options.fuse, "length_grid": embedder.grid}}
+    atomic_write_json(store.metadata_path, metadata)
+    store.load_parts()
+    done = store.done_keys()
+    todo = [u for u in shard if u.key not in done]
+    if done:
+        log.info("rank %d: resuming, %d of %d utterances already done", rank, len(done), len(shard))
+    metadata["batch_policy"]["batch_frames"] = plan.batch_frames
+    journal = DecodeJournal(store.dir / "decoding") if num_workers > 0 else None
+    if journal is not None:
+        journal.clear()  # an earlier run's; a fresh one per run
+    log.info("rank %d/%d on %s (%s): %d utterances to do, %d decode workers, %d model stream(s) x %d "
+             "thread(s), batches of <= %d frames", rank, world, device, embedder.dtype, len(todo), num_workers,
+             streams, threads, plan.batch_frames)
+    metadata["batch_policy"].update({"streams": streams, "threads": threads, "num_workers": num_workers})
+
+    progress = make_progress(len(shard), len(done), rank, local_rank, options.no_progress)
+    embed_shard(todo, embedder, store, plan, journal, progress, label=f"rank {rank}")
+    if journal is not None:
+        journal.clear()
+    progress.close()
+    return finish_rank(store, shard, metadata, started, options.strict, scan_errors(scan, rank))
+
+
+def finish_rank(store: RankStore, shard, metadata: dict, started: datetime, strict: bool, scan_problems: int) -> int:
+    """Write the rank's final files, marked complete; the exit status."""
+    with signals_held():
+        store.flush()
+    rank = metadata["rank"]
+    utt_by_key = {u.key: u for u in shard}
+    embedded = len(store.keys)
+    failed = len(store.failures)
+    finished = datetime.now(timezone.utc)
+    metadata.update({
+        "complete": True, "finished": finished.isoformat(),
+        "elapsed_s": round((finished - started).total_seconds(), 3),
+        "embedding_dimension": int(store.embeddings[0].shape[0]) if store.embeddings else None,
+        "counts": {"assigned": len(shard), "embedded": embedded, "failed": failed},
+        "audio_seconds": round(sum(store.extra.get(k, {}).get("seconds", utt_by_key[k].duration)
+                                   for k in store.keys), 3),
+        "failures": store.failures,
+    })
+    store.finalize(utt_by_key, metadata)
+    if failed:
+        log.warning("rank %d: %d of %d files failed (see %s)", rank, failed, len(shard), store.metadata_path)
+    log.info("rank %d: done, %d embedded, %d failed", rank, embedded, failed)
+    return exit_status(embedded, failed, strict, scan_problems)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    options = ExtractOptions.from_namespace(build_parser().parse_args(argv))
+    try:
+        return run(options)
+    except (UsageError, data_mod.DataError) as exc:
+        tell_waiting_ranks(Path(options.output_dir), str(exc))
+        sys.stderr.write(f"error: {exc}\n")  # one write: ranks sharing a terminal or pipe do not interleave it
+        sys.stderr.flush()
+        return 2
+    except BaseException as exc:
+        tell_waiting_ranks(Path(options.output_dir), f"{type(exc).__name__}: {exc}")
+        raise
