@@ -237,6 +237,7 @@ def test_demo_end_to_end(tmp_path):
     r = run_cli(["bash", ROOT / "demo.sh", tmp_path / "demo"], timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "== demo done" in r.stdout and "same speaker:" in r.stdout
+    assert "utterance pairs: same speaker " in r.stdout and "== done: 8 utterances embedded, 0 failed" in r.stdout
     for name in ("speaker_map", "speaker_similarity", "utterance_similarity", "score_histograms", "det_curve"):
         assert_png(tmp_path / "demo" / "plots" / f"{name}.png")
     emb = speakerlab.load_embeddings(tmp_path / "demo" / "embeddings")
