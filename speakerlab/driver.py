@@ -109,7 +109,8 @@ def run_torchrun(torchrun_args: List[str]) -> int:
         proc.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    # Ctrl-C reaches torchrun and its workers from the terminal already; keep reading until they are gone
+    signal.signal(signal.SIGINT, lambda *_: None)
     filt = StderrFilter(sys.stderr.buffer)
     while True:
         chunk = os.read(proc.stderr.fileno(), 1 << 16)
