@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.add_argument("--scan_timeout", type=float, default=12 * 3600,
                    help="seconds the other ranks wait for rank 0's scan of the input")
+    p.add_argument("--check_only", action="store_true",
+                   help="check the input, model, config and output dir, then exit: 0 if all is well, else "
+                        "2 with the reason (the driver runs this in one process before torchrun)")
     return p
 
 
@@ -176,6 +179,14 @@ def run(options: ExtractOptions) -> int:
     num_workers, threads, streams = cpu_plan(options.num_workers, local_world, device, options.streams)
     torch.set_num_threads(threads)
     embedder, model_identity = build_embedder(options, device)
+    if options.check_only:
+        from speakerlab.checks import writable_dir_problem
+        problem = writable_dir_problem(output_dir, "--output_dir")
+        if problem:
+            raise UsageError(problem)
+        log.info("arguments OK: input %s, model %s, output dir %s", source["path"], model_identity["name"],
+                 output_dir.absolute())
+        return 0
     output_dir.mkdir(parents=True, exist_ok=True)
     scan = shared_scan(options, source, output_dir, rank, world)
     shard = data_mod.shard_by_duration(scan.utterances, rank, world)
@@ -268,7 +279,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run(options)
     except (UsageError, data_mod.DataError, HostMemoryError) as exc:
         tell_waiting_ranks(Path(options.output_dir), str(exc))
-        print(f"error: {exc}", file=sys.stderr)
+        sys.stderr.write(f"error: {exc}\n")  # one write: ranks sharing a terminal or pipe do not interleave it
+        sys.stderr.flush()
         return 2
     except BaseException as exc:
         tell_waiting_ranks(Path(options.output_dir), f"{type(exc).__name__}: {exc}")
