@@ -16,7 +16,7 @@ MODEL_PATH=${MODEL_PATH:-}                # empty: the embedded CAM++ zh/en comm
 CONFIG_FILE=${CONFIG_FILE:-}              # needed with MODEL_PATH, e.g. conf/eres2netv2.yaml
 OUTPUT_DIR=${OUTPUT_DIR:-exp/embeddings_tmp}
 FINAL_OUTPUT_DIR=${FINAL_OUTPUT_DIR:-exp/embeddings}
-GPUS=${GPUS:-"0 1 2 3"}                   # ids to use when CUDA is present
+GPUS=${GPUS:-all}                         # ids to use when CUDA is present; all = every visible GPU
 BATCH_SIZE=${BATCH_SIZE:-128}
 NUM_WORKERS=${NUM_WORKERS:--1}
 DTYPE=${DTYPE:-auto}
@@ -51,7 +51,7 @@ current directory. Each flag can also be given as the environment variable in ca
   --config_file FILE     model YAML, needed with --model_path (conf/eres2netv2.yaml works from anywhere)
   --output_dir DIR       intermediate per-rank results (default: exp/embeddings_tmp)
   --final_output_dir DIR final files (default: exp/embeddings)
-  --gpus "0 1 ..."       GPU ids to use when CUDA is present, one process each (default: "0 1 2 3")
+  --gpus "0 1 ..."       GPU ids to use when CUDA is present, one process each (default: all, every visible GPU)
   --batch_size N         most utterances per batch (default 128)
   --num_workers N        decode processes per rank, -1 = auto (default -1)
   --dtype D              auto|fp32|bf16|fp16 (default auto)
@@ -150,8 +150,12 @@ if runs 1; then
   [ -n "$CONFIG_FILE" ] && model_args+=(--config_file "$CONFIG_FILE")
 
   read -r -a gpu_list <<< "$GPUS"
-  has_cuda=$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)
-  if [ "$has_cuda" = 1 ]; then
+  visible_gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null || echo 0)
+  has_cuda=$([ "${visible_gpus:-0}" -gt 0 ] && echo 1 || echo 0)
+  if [ "$has_cuda" = 1 ] && [ "$GPUS" = all ]; then
+    nproc=$visible_gpus            # rank k takes the k-th visible GPU
+    device_args=(--use_gpu)
+  elif [ "$has_cuda" = 1 ]; then
     nproc=${#gpu_list[@]}
     device_args=(--use_gpu --gpu "${gpu_list[@]}")
   else
