@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.add_argument("--scan_timeout", type=float, default=12 * 3600,
                    help="seconds the other ranks wait for rank 0's scan of the input")
+    p.add_argument("--check_only", action="store_true",
+                   help="check the input, model, config and output dir, then exit: 0 if all is well, else "
+                        "2 with the reason (the driver runs this in one process before torchrun)")
     return p
 
 
@@ -172,11 +175,21 @@ def run(options: ExtractOptions) -> int:
     run_dir = RunDir(options.output_dir)
     started = datetime.now(timezone.utc)
     source = describe_input(options)
-    run_dir.ensure_writable()  # before the model loads: a read-only dir fails in a second, not after
+    if options.check_only:  # nothing is made: the dir must be writable, or makeable in a writable folder
+        from speakerlab.checks import writable_dir_problem
+        problem = writable_dir_problem(run_dir.path, "--output_dir")
+        if problem:
+            raise UsageError(problem)
+    else:
+        run_dir.ensure_writable()  # before the model loads: a read-only dir fails in a second, not after
     device = pick_device(options.use_gpu, options.gpu, local_rank, local_world)
     num_workers, threads, streams = cpu_plan(options.num_workers, local_world, device, options.streams)
     torch.set_num_threads(threads)
     embedder, model_identity = build_embedder(options, device)
+    if options.check_only:
+        log.info("arguments OK: input %s, model %s, output dir %s", source["path"], model_identity["name"],
+                 run_dir.path.absolute())
+        return 0
     scan, run_id, lock = shared_scan(options, source, run_dir, rank, world)
     try:
         return run_shard(options, run_dir, scan, run_id, embedder, model_identity, device,
@@ -299,5 +312,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def fail(run_dir: RunDir, message: str, kind: str, status: int) -> int:
     tell_waiting_ranks(run_dir, message, kind)
-    print(f"error: {message}", file=sys.stderr)
+    sys.stderr.write(f"error: {message}\n")  # one write: ranks sharing a terminal or pipe do not interleave it
+    sys.stderr.flush()
     return status

@@ -34,6 +34,7 @@ class ExtractOptions:
     strict: bool = False
     no_progress: bool = False
     scan_timeout: float = 12 * 3600
+    check_only: bool = False  # check input, model, config and output dir, then stop (the driver's pre-flight)
 
     @classmethod
     def from_namespace(cls, namespace) -> "ExtractOptions":
