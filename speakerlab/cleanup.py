@@ -49,7 +49,8 @@ def check_overlap(run_dir: Path, protected: List[Tuple[str, str]], audio_paths,
                 raise Refused(f"it contains audio of the run (in {folder})")
 
 
-def verify(final_dir: Path, run_dir: RunDir) -> FinalDir:
+def verify(final_dir: Path, run_dir: RunDir) -> List[str]:
+    """The run ids of ``run_dir``'s ranks, once ``final_dir`` verifies and was merged from exactly them."""
     try:
         final = FinalDir.open(final_dir, check_digests=True)
     except FinalDirError as exc:
@@ -63,7 +64,7 @@ def verify(final_dir: Path, run_dir: RunDir) -> FinalDir:
         merged = "; ".join(", ".join(run.get("run_ids", [])) or "?" for run in final.runs) or "none"
         raise Refused(f"{final_dir} was not merged from it ({final_dir} holds run(s) {merged}; "
                       f"it holds run(s) {', '.join(ids)}); merge it first")
-    return final
+    return ids
 
 
 def clean(final_dir: Path, intermediate: Path, extra_protected: List[Tuple[str, str]] = ()) -> str:
@@ -88,7 +89,7 @@ def clean(final_dir: Path, intermediate: Path, extra_protected: List[Tuple[str, 
         if source.get("base"):  # relative audio paths start there: a run dir may sit below it, never above
             containers.append(("base dir of the input's relative paths", source["base"]))
     check_overlap(intermediate, protected, (u.path for u in scan.utterances), containers)
-    verify(final_dir, run_dir)
+    ids = verify(final_dir, run_dir)
     try:  # held while removing: no extraction can start in the dir meanwhile
         lock = run_dir.claim(f"cleanup-{os.getpid()}")
     except RunDirBusy as exc:
@@ -96,6 +97,9 @@ def clean(final_dir: Path, intermediate: Path, extra_protected: List[Tuple[str, 
     except RunDirError as exc:
         raise Refused(str(exc)) from None
     try:
+        if run_dir.run_ids() != ids:  # a job came and went since the check: check again, from the start
+            run_dir.release(lock)
+            raise Refused("its ranks changed while it was being checked; run the clean-up again")
         files, dirs = run_dir.pipeline_entries()
         for path in files:
             path.unlink()

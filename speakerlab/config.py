@@ -17,6 +17,7 @@ A config is untrusted input: files over ``MAX_CONFIG_BYTES``, YAML anchors/alias
 refused, and every value the features and models use is checked for type and range (``ARG_RULES``),
 each with one line naming the file, the key and the reason.
 """
+import errno
 import os
 import re
 import stat
@@ -59,6 +60,31 @@ CLASS_ARGS = ("block", "block_fuse")
 
 class ConfigError(ValueError):
     pass
+
+
+# The model YAMLs shipped inside the package (conf/ at the top of a checkout links here).
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "conf"
+
+
+def packaged_configs() -> Dict[str, Path]:
+    """{name: path} of the shipped configs, e.g. {"eres2netv2": .../speakerlab/conf/eres2netv2.yaml}."""
+    return {path.stem: path for path in sorted(PACKAGED_CONFIGS.glob("*.yaml"))}
+
+
+def resolve_config_path(path) -> Path:
+    """``path`` if it exists; otherwise a known name (``eres2netv2``, ``eres2netv2.yaml`` or
+    ``conf/eres2netv2.yaml``, as the README writes it) means the shipped config, from any directory.
+    Anything else is returned unchanged, so the error names what the user gave."""
+    path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    parts = path.parts
+    if len(parts) == 1 or (len(parts) == 2 and parts[0] == "conf"):
+        name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+        known = packaged_configs().get(name)
+        if known is not None:
+            return known
+    return path
 
 
 @dataclass
@@ -211,7 +237,8 @@ def _check_events(text: str) -> None:
 
 
 def load_config(path) -> ModelConfig:
-    path = Path(path)
+    """Read a YAML config; a known name that is not a file here (``conf/eres2netv2.yaml``) is the shipped one."""
+    path = resolve_config_path(path)
     try:
         info = os.stat(path)
         if not stat.S_ISREG(info.st_mode):  # a FIFO would block, /dev/zero never ends
@@ -224,7 +251,10 @@ def load_config(path) -> ModelConfig:
             data = handle.read(MAX_CONFIG_BYTES + 1)
         text = data.decode("utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        hint = ""
+        if exc.errno == errno.ENOENT:
+            hint = f" (shipped configs: {', '.join(f'conf/{name}.yaml' for name in packaged_configs())})"
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}{hint}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if len(data) > MAX_CONFIG_BYTES:  # grew while being read, or not a regular file

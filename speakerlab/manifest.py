@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from speakerlab.progname import prog
 from speakerlab.data import AUDIO_EXTENSIONS, DataError, ScanResult, Utterance, assign_keys, scan_tree
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
@@ -385,7 +386,8 @@ def rttm_to_manifest(rttm, audio_dir, output, dataset: str, min_duration_s: floa
 def main(argv=None) -> int:
     import argparse
     import sys
-    p = argparse.ArgumentParser(description="Write a segment manifest (CSV) from an RTTM file.")
+    p = argparse.ArgumentParser(prog=prog("speakerlab.manifest"),
+                                description="Write a segment manifest (CSV) from an RTTM file.")
     p.add_argument("--rttm", required=True)
     p.add_argument("--audio_dir", required=True, help="holds <recording id>.<wav|flac|ogg|mp3>")
     p.add_argument("--dataset", required=True, help="dataset name for the keys")

@@ -27,7 +27,8 @@ from speakerlab.extract.coordinate import describe_os_error, shared_scan, tell_w
 from speakerlab.extract.loader import DecodeJournal
 from speakerlab.extract.options import ExtractOptions, UsageError
 from speakerlab.extract.runtime import cpu_plan, pick_device, rank_info, versions
-from speakerlab.extract.worker import ShardPlan, embed_shard, signals_held
+from speakerlab.extract.worker import ShardPlan, SteadyRate, embed_shard, signals_held
+from speakerlab.hostmem import HostMemoryError
 from speakerlab.models import ModelLoadError, load_model
 from speakerlab.rundir import RankStore, RunDir, RunDirBusy, RunDirError, scan_fingerprint
 
@@ -50,8 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint (state_dict); default: the embedded CAM++ zh/en common model")
     p.add_argument("--config_file", default=None, help="3D-Speaker style model YAML (see conf/)")
     p.add_argument("--use_gpu", action="store_true", help="run on CUDA when available (CPU otherwise)")
-    p.add_argument("--gpu", type=int, nargs="+", default=[0], help="GPU ids; rank uses gpu[LOCAL_RANK %% len]")
-    p.add_argument("--batch_size", type=int, default=128, help="most utterances in one batch")
+    p.add_argument("--gpu", type=int, nargs="+", default=None,
+                   help="GPU ids, one per rank on the node: rank uses gpu[LOCAL_RANK] (repeat an id to share a "
+                        "GPU deliberately, e.g. --gpu 0 0); default: the LOCAL_RANK-th visible GPU")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="CPU: most utterances in one batch (default 128). GPU: ignored, the frame budget "
+                        "(--batch_frames) alone sizes batches (short files make big batches)")
     p.add_argument("--batch_frames", type=int, default=None,
                    help="padded feature frames per batch (10 ms each); default 120000 on GPU; on CPU 6000, "
                         "or 1 (one utterance per batch) for ERes2Net models")
@@ -59,10 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streams", type=int, default=-1,
                    help="CPU only: batches run concurrently, each single-threaded; -1 = auto (one per core, <= 16)")
     p.add_argument("--dtype", choices=["auto"] + list(DTYPES), default="auto",
-                   help="model precision; auto = bf16 on GPUs and on CPUs with native bf16, else fp32")
+                   help="model precision; auto = bf16 on GPUs of compute capability >= 8.0 (7.x: fp16) and on CPUs "
+                        "with native bf16, else fp32")
     p.add_argument("--length_grid", choices=["auto", "on", "off"], default="auto",
-                   help="pad batches to one of 16 lengths per octave (<= 6.25%% more frames) so batch shapes "
-                        "repeat and oneDNN reuses its kernels; auto = on for CPU, off for GPU")
+                   help="pad batches to one of 16 lengths per octave (<= 6.25%% more frames; GPU: 8, <= 12.5%%) "
+                        "so batch shapes repeat and oneDNN / cuDNN reuse their set-up; auto = on")
     p.add_argument("--no_fusion", action="store_true",
                    help="run conv, BatchNorm and activation as separate ops, as the reference does "
                         "(slower; fused is the same function, see speakerlab/models/fusion.py)")
@@ -78,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.add_argument("--scan_timeout", type=float, default=12 * 3600,
                    help="seconds the other ranks wait for rank 0's scan of the input")
+    p.add_argument("--check_only", action="store_true",
+                   help="check the input, model, config and output dir, then exit: 0 if all is well, else "
+                        "2 with the reason (the driver runs this in one process before torchrun)")
     return p
 
 
@@ -144,6 +153,17 @@ def exit_status(embedded: int, failed: int, strict: bool, scan_problems: int = 0
     return 1 if scan_problems and strict else 0
 
 
+def batch_size_cap(batch_size: Optional[int], device: torch.device) -> Optional[int]:
+    """Most utterances per batch: --batch_size (128) on CPU; none on GPU, where the frame budget alone
+    sizes batches -- the seed's --batch_size 32 kept GPU batches far below the budget, so a CAM++
+    forward was a few ms of kernel launches for little work."""
+    if device.type == "cuda":
+        if batch_size is not None:
+            log.info("--batch_size %d ignored on GPU: the frame budget (--batch_frames) sizes batches", batch_size)
+        return None
+    return 128 if batch_size is None else batch_size
+
+
 def make_progress(total: int, initial: int, rank: int, position: int, disabled: bool):
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, desc=f"rank {rank}", unit="utt", position=position,
@@ -156,15 +176,25 @@ def run(options: ExtractOptions) -> int:
     run_dir = RunDir(options.output_dir)
     started = datetime.now(timezone.utc)
     source = describe_input(options)
-    run_dir.ensure_writable()  # before the model loads: a read-only dir fails in a second, not after
-    device = pick_device(options.use_gpu, options.gpu, local_rank)
+    if options.check_only:  # nothing is made: the dir must be writable, or makeable in a writable folder
+        from speakerlab.checks import writable_dir_problem
+        problem = writable_dir_problem(run_dir.path, "--output_dir")
+        if problem:
+            raise UsageError(problem)
+    else:
+        run_dir.ensure_writable()  # before the model loads: a read-only dir fails in a second, not after
+    device = pick_device(options.use_gpu, options.gpu, local_rank, local_world)
     num_workers, threads, streams = cpu_plan(options.num_workers, local_world, device, options.streams)
     torch.set_num_threads(threads)
     embedder, model_identity = build_embedder(options, device)
+    if options.check_only:
+        log.info("arguments OK: input %s, model %s, output dir %s", source["path"], model_identity["name"],
+                 run_dir.path.absolute())
+        return 0
     scan, run_id, lock = shared_scan(options, source, run_dir, rank, world)
     try:
         return run_shard(options, run_dir, scan, run_id, embedder, model_identity, device,
-                         (rank, world, local_rank), (num_workers, threads, streams), started)
+                         (rank, world, local_rank, local_world), (num_workers, threads, streams), started)
     finally:
         if rank == 0:
             run_dir.release(lock)
@@ -175,7 +205,7 @@ def run(options: ExtractOptions) -> int:
 def run_shard(options: ExtractOptions, run_dir: RunDir, scan, run_id: str, embedder: Embedder, model_identity: dict,
               device: torch.device, ranks, cpu, started: datetime) -> int:
     """This rank's shard of the scan: resumed, embedded, finalized."""
-    rank, world, local_rank = ranks
+    rank, world, local_rank, local_world = ranks
     num_workers, threads, streams = cpu
     shard = scan.utterances  # this rank's contiguous rows of the scan (rundir.load_shard)
     # every setting that changes the numbers: a resume with another one is refused
@@ -197,15 +227,16 @@ def run_shard(options: ExtractOptions, run_dir: RunDir, scan, run_id: str, embed
             log.warning("rank %d: %d of %d files failed (see %s)", rank, counts["failed"], counts["assigned"],
                         store.metadata_path)
         return exit_status(counts["embedded"], counts["failed"], options.strict, scan_errors(scan, rank))
-    plan = ShardPlan(batch_frames=embedder.batch_frames(options.batch_frames), batch_size=options.batch_size,
+    plan = ShardPlan(batch_frames=embedder.batch_frames(options.batch_frames),
+                     batch_size=batch_size_cap(options.batch_size, device),
                      num_workers=num_workers, streams=streams, threads=threads, channels=options.channels,
                      flush_every=options.flush_every, flush_seconds=options.flush_seconds,
-                     pin_memory=device.type == "cuda")
+                     pin_memory=device.type == "cuda", processes_on_host=local_world)
     metadata = {"rank": rank, "world_size": world, "complete": False, "fingerprint": fingerprint,
                 "run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "model": model_identity,
                 "started": started.isoformat(), "command": sys.argv,
                 "device": str(device), "dtype": embedder.dtype, "versions": versions(),
-                "batch_policy": {"batch_frames": None, "batch_size": options.batch_size,
+                "batch_policy": {"batch_frames": None, "batch_size": plan.batch_size,
                                  "fused": options.fuse, "length_grid": embedder.grid}}
     store.write_metadata(metadata)
     store.load_parts()
@@ -223,7 +254,14 @@ def run_shard(options: ExtractOptions, run_dir: RunDir, scan, run_id: str, embed
     metadata["batch_policy"].update({"streams": streams, "threads": threads, "num_workers": num_workers})
 
     progress = make_progress(len(shard), len(done), rank, local_rank, options.no_progress)
-    embed_shard(todo, embedder, store, plan, journal, progress, label=f"rank {rank}")
+    rate = SteadyRate()
+    embed_shard(todo, embedder, store, plan, journal, progress, label=f"rank {rank}", rate=rate,
+                notes=metadata["batch_policy"])
+    metadata["timing"] = rate.summary(device)
+    if metadata["timing"].get("steady_x_real_time"):
+        log.info("rank %d: steady state %.1fx real time (%.0f s of audio in %.1f s after the first batch)", rank,
+                 metadata["timing"]["steady_x_real_time"], metadata["timing"]["steady_audio_s"],
+                 metadata["timing"]["steady_s"])
     if journal is not None:
         journal.clear()
     progress.close()
@@ -258,7 +296,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     run_dir = RunDir(options.output_dir)
     try:
         return run(options)
-    except (UsageError, data_mod.DataError, RunDirBusy) as exc:
+    except (UsageError, data_mod.DataError, RunDirBusy, HostMemoryError) as exc:
         return fail(run_dir, str(exc), "usage", 2)
     except RunDirError as exc:
         return fail(run_dir, str(exc), "runtime", 1)
@@ -271,5 +309,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def fail(run_dir: RunDir, message: str, kind: str, status: int) -> int:
     tell_waiting_ranks(run_dir, message, kind)
-    print(f"error: {message}", file=sys.stderr)
+    sys.stderr.write(f"error: {message}\n")  # one write: ranks sharing a terminal or pipe do not interleave it
+    sys.stderr.flush()
     return status

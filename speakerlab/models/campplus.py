@@ -394,9 +394,12 @@ class CAMPPlus(nn.Module):
     def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         t = x.shape[1]
         if lengths is not None:
-            lengths = lengths.to(device=x.device, dtype=torch.long)
+            # Checked where the lengths are (the host, from the pipeline), before they move: on a
+            # GPU, reading a device tensor back would stall the queue of work at every batch.
             if bool((lengths == t).all()):
                 lengths = None  # nothing padded: skip all mask work
+            else:
+                lengths = lengths.to(device=x.device, dtype=torch.long, non_blocking=True)
         mask = None if lengths is None else lengths_to_mask(lengths, t)
         h = self.head(x.transpose(1, 2), mask)  # (B, T, F) -> (B, F, T) -> (B, C, F', T)
         return self.xvector(h, lengths)
