@@ -235,8 +235,8 @@ def check_model(name, args, sizes, clips, workdir, device, sampler) -> dict:
               "gpu_utilisation_pct": sampler.utilisation(timing.get("steady_start_unix", 0),
                                                          timing.get("steady_end_unix", 0)) if sampler else None}
 
-    from speakerlab.data import load_scan
-    lengths = [int(u.num_samples * sr / u.sample_rate) for u in load_scan(out_dir / "scan.json").utterances]
+    from speakerlab.rundir import RunDir
+    lengths = [int(u.num_samples * sr / u.sample_rate) for u in RunDir(out_dir).load_scan().utterances]
     ceiling = same_shapes_ceiling(embedder, lengths, meta["batch_policy"]["batch_frames"],
                                   meta["batch_policy"].get("batch_size"))
     result["ceiling"] = ceiling

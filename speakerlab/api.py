@@ -14,7 +14,6 @@ Files go through ``speakerlab.audio.load_audio`` and ``speakerlab.embedder.Embed
 pipeline, with the same default precision, so ``model.embed(path)`` reproduces the pipeline's embedding.
 """
 import os
-from collections import namedtuple
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -22,14 +21,7 @@ import numpy as np
 
 from speakerlab.audio import AudioError, finish_wave, load_audio
 
-Match = namedtuple("Match", "key score")
-
-
-def cosine(a, b) -> float:
-    """Cosine similarity of two vectors."""
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
-    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+from speakerlab.vectors import Match, cosine, top as _top  # noqa: F401 (Match and cosine are API names)
 
 
 def _is_pair(item) -> bool:
@@ -456,14 +448,6 @@ class EmbeddingSet:
         return model
 
 
-def _top(keys: Sequence[str], scores: np.ndarray, keep: np.ndarray, k: int) -> List[Match]:
-    candidates = np.flatnonzero(keep)
-    if k <= 0 or not len(candidates):
-        return []
-    chosen = candidates[np.argsort(-scores[candidates], kind="stable")[:k]]
-    return [Match(keys[i], float(scores[i])) for i in chosen]
-
-
 def load_embeddings(final_dir, allow_pickle: bool = False) -> EmbeddingSet:
     """Load a ``merge_embeddings.py`` output dir, checked against its completeness record.
 
@@ -482,7 +466,9 @@ def load_embeddings(final_dir, allow_pickle: bool = False) -> EmbeddingSet:
     summary = final.summary()
     if final.has_npy():  # the set that scales: mapped, opened in constant time and memory
         from speakerlab.mapped import MappedEmbeddingSet
-        return MappedEmbeddingSet(final_dir, final.npy_files(), summary)
+        mapped = MappedEmbeddingSet(final_dir, final.npy_files(), summary)
+        mapped.model_factory = lambda device=None, dtype=None: EmbeddingSet.model(mapped, device, dtype)
+        return mapped
     utt_list = {r["key"]: r for r in final.utterance_list()}
     spk_list = {r["key"]: r for r in final.speaker_list()}
     loaded = []

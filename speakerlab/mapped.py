@@ -291,12 +291,12 @@ class MappedEmbeddingSet:
         return self._resolve(query)[0]
 
     def score(self, a, b) -> float:
-        from speakerlab.api import cosine
+        from speakerlab.vectors import cosine
         return cosine(self.embedding(a), self.embedding(b))
 
     def similar(self, query, k: int = 10, same_speaker: Optional[bool] = None):
         """Top-k utterances by cosine to ``query``, over blocks of rows (see api.EmbeddingSet.similar)."""
-        from speakerlab.api import Match
+        from speakerlab.vectors import Match
         vector, own_row, speaker = self._resolve(query)
         if same_speaker is not None and speaker is None:
             raise ValueError("same_speaker needs a query from this set (utterance key, speaker key or its path)")
@@ -323,7 +323,7 @@ class MappedEmbeddingSet:
         return [Match(self._lines.key(int(r)), float(s)) for r, s in zip(best_rows, best_scores)]
 
     def similar_speakers(self, query, k: int = 10):
-        from speakerlab.api import Match, _top
+        from speakerlab.vectors import top as _top
         vector, _, speaker = self._resolve(query)
         state = self._speakers_loaded()
         rows = self._speaker_rows()
@@ -372,8 +372,14 @@ class MappedEmbeddingSet:
         return self._subset(np.array([row for row, record in self._records() if predicate(record)], dtype=np.int64))
 
     def model(self, device=None, dtype: Optional[str] = None):
-        from speakerlab.api import EmbeddingSet
-        return EmbeddingSet.model(self, device, dtype)
+        """The model that made this set (``speakerlab.load_embeddings`` gives the set the means)."""
+        root = self
+        while root._parent is not None:
+            root = root._parent
+        factory = getattr(root, "model_factory", None)
+        if factory is None:
+            raise ValueError("open the dir with speakerlab.load_embeddings to embed new audio with its model")
+        return factory(device, dtype)
 
     def close(self) -> None:
         if self._parent is None:
