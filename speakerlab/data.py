@@ -8,6 +8,7 @@ made unique by ``assign_keys`` when joined names collide (``a_b/c`` and ``a/b_c`
 import hashlib
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -205,7 +206,7 @@ def scan_tree(data_root) -> ScanResult:
             errors.append({"path": display_path(path), "stage": "scan",
                            "reason": "the path is not valid UTF-8; rename the file to use it"})
             continue
-        dataset, speaker = parts[0], parts[1]
+        dataset, speaker = sys.intern(parts[0]), sys.intern(parts[1])  # shared by the files of a speaker
         names = list(parts[2:-1]) + [os.path.splitext(parts[-1])[0]]
         raw = "\0".join([dataset, speaker] + names)  # "/" and NUL never occur in a name
         if raw in found:  # u1.wav beside u1.flac: one utterance twice; the first one walked keeps it
@@ -247,7 +248,9 @@ def read_headers(utterances: List[Utterance], threads: int = 16) -> int:
     """Fill sample_rate / num_samples / channels; I/O bound, so threads overlap the waits. Returns
     the number of headers read."""
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(read_header, utterances, chunksize=256))
+        # a window at a time: the thread pool's map makes a future per item up front (~1.3 KB each)
+        for first in range(0, len(utterances), 4096):
+            list(pool.map(read_header, utterances[first:first + 4096]))
     return len(utterances)
 
 

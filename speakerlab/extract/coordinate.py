@@ -198,6 +198,7 @@ def prepare_scan(options: ExtractOptions, source: dict, run_dir: RunDir, rank: i
         message = box["problem"] if rank == 0 else f"rank 0: {box['problem']}"
         raise UsageError(message) if box["kind"] == "usage" else RunDirError(message)
     lock = mine["lock"] if rank == 0 else run_dir.join(rank, run_id)
+    mine["scan"] = None  # rank 0 too keeps only its shard (read back below), not the whole walk
     try:
         scan = load_published_shard(run_dir, rank, world, box["scan_id"])
     except BaseException:
