@@ -13,6 +13,7 @@ embeddings are gathered block by block from the mapped parts. ``merge`` reads it
 ``streammerge.RankResults`` (mapped members); npz files of earlier versions (keys in any order,
 ``extra`` JSON) are read into memory and sorted (``results_from_arrays``).
 """
+import bisect
 import json
 import os
 from pathlib import Path
@@ -35,31 +36,46 @@ def _part_columns(path: Path):
     return keys, seconds, chunks, failures
 
 
-def write_rank_npz(parts: Sequence[Path], row_of: Dict[str, int], out: Path, dim: Optional[int] = None) -> dict:
-    """Write ``out`` from the part files; returns counts and the failures. ``row_of``: scan row of
-    every key of the shard. A key flushed twice (a rerun that redid a part) counts once."""
+class ShardIndex:
+    """A rank's shard (contiguous scan rows, sorted by key) looked up by key with bisection: no
+    per-key dict (a rank holds only its shard's records and a list of references to their keys)."""
+
+    def __init__(self, shard: Sequence, first_row: int = 0):
+        self.shard, self.first_row = shard, first_row
+        self.keys = [u.key for u in shard]
+
+    def position(self, key: str) -> int:
+        i = bisect.bisect_left(self.keys, key)
+        if i == len(self.keys) or self.keys[i] != key:
+            raise KeyError(key)
+        return i
+
+    def row(self, key: str) -> int:
+        return self.first_row + self.position(key)
+
+    def __getitem__(self, key: str):
+        """The utterance of ``key``."""
+        return self.shard[self.position(key)]
+
+
+def write_rank_npz(parts: Sequence[Path], index: ShardIndex, out: Path, dim: Optional[int] = None) -> dict:
+    """Write ``out`` from the part files; returns counts and the failures. ``index``: the shard. A key
+    flushed twice (a rerun that redid a part) counts once. Held meanwhile: a few numbers per row."""
     out = Path(out)
-    where_part, where_row, scan_rows, seconds, chunks, keys = [], [], [], [], [], []
+    pieces = []
     failures: List[dict] = []
-    seen = set()
     for number, part in enumerate(parts):
         part_keys, part_seconds, part_chunks, part_failures = _part_columns(part)
         failures += part_failures
-        for i, key in enumerate(part_keys):
-            if key in seen:
-                continue
-            seen.add(key)
-            where_part.append(number)
-            where_row.append(i)
-            scan_rows.append(row_of[key])
-            seconds.append(part_seconds[i])
-            chunks.append(part_chunks[i])
-            keys.append(key)
-    del seen
-    order = np.argsort(np.array(scan_rows, dtype=np.int64), kind="stable")
-    where_part = np.array(where_part, dtype=np.int64)[order]
-    where_row = np.array(where_row, dtype=np.int64)[order]
-    keys = [keys[i] for i in order]
+        rows = np.array([index.row(k) for k in part_keys], dtype=np.int64)
+        pieces.append((rows, np.full(len(rows), number, np.int32), np.arange(len(rows), dtype=np.int32),
+                       part_seconds, part_chunks))
+    columns = [np.concatenate([p[i] for p in pieces]) if pieces else np.zeros(0) for i in range(5)]
+    scan_rows, where_part, where_row, seconds, chunks = columns
+    scan_rows, first = np.unique(scan_rows.astype(np.int64), return_index=True)  # sorted; first flush wins
+    where_part, where_row = where_part[first].astype(np.int64), where_row[first].astype(np.int64)
+    seconds, chunks = seconds[first].astype(np.float64), chunks[first].astype(np.int32)
+    keys = [index.shard[r - index.first_row].key for r in scan_rows.tolist()]
     maps = [MappedNpy.member(part, "embeddings") for part in parts]
     try:
         if dim is None:
@@ -68,22 +84,20 @@ def write_rank_npz(parts: Sequence[Path], row_of: Dict[str, int], out: Path, dim
         step = rows_per_block(max(dim, 1) * 4)
 
         def blocks():
-            for first in range(0, len(keys), step):
-                parts_here = where_part[first:first + step]
-                rows_here = where_row[first:first + step]
+            for start in range(0, len(keys), step):
+                parts_here = where_part[start:start + step]
+                rows_here = where_row[start:start + step]
                 block = np.empty((len(parts_here), dim), dtype=np.float32)
                 for number in np.unique(parts_here):
                     mine = parts_here == number
                     block[mine] = maps[number].take(rows_here[mine])
                 yield block
-        write_rank_arrays(out, keys, np.array(scan_rows, dtype=np.int64)[order], dim, blocks(),
-                          np.array(seconds, dtype=np.float64)[order], np.array(chunks, dtype=np.int32)[order],
-                          failures)
+        write_rank_arrays(out, keys, scan_rows, dim, blocks(), seconds, chunks, failures)
     finally:
         for m in maps:
             m.close()
     return {"embedded": len(keys), "failed": len(failures), "failures": failures, "dim": dim,
-            "audio_seconds": float(np.nansum(seconds)) if seconds else 0.0}
+            "audio_seconds": float(np.nansum(seconds)) if len(seconds) else 0.0}
 
 
 def write_rank_arrays(out: Path, keys: Sequence[str], rows: np.ndarray, dim: int, blocks, seconds: np.ndarray,
@@ -122,7 +136,7 @@ def write_rank_arrays(out: Path, keys: Sequence[str], rows: np.ndarray, dim: int
         raise
 
 
-def write_rank_pickles(npz: Path, utterances: Dict[str, object], utt_pkl: Path, spk_pkl: Path) -> None:
+def write_rank_pickles(npz: Path, utterances, utt_pkl: Path, spk_pkl: Path) -> None:
     """The seed's per-rank pickles, from the rank's npz, a block at a time: utterances in key order;
     speakers (sorted) with the mean of their utterances (float64 sums in key order)."""
     keys_map = MappedNpy.member(npz, "keys")

@@ -600,27 +600,24 @@ class RankStore:
         self._last_flush = time.monotonic()
 
     # --- completion ----------------------------------------------------------------------
-    def finalize(self, utterances: Dict[str, "object"], metadata: dict, first_row: int = 0,
-                 shard: Optional[List] = None) -> dict:
-        """Write the rank's npz from its parts (in scan-row order: ``first_row`` is the scan row of
-        ``shard[0]``, the shard being contiguous), then its pickles, then the metadata marked with the
-        counts; drop the parts. Returns the counts."""
+    def finalize(self, shard: List, metadata: dict, first_row: int = 0) -> dict:
+        """Write the rank's npz from its parts (in scan-row order: ``shard`` holds the scan rows
+        ``first_row:`` in key order), then its pickles, then the metadata marked with the counts;
+        drop the parts. Returns the counts."""
         from speakerlab import rankout
         self.flush()
-        shard = shard if shard is not None else list(utterances.values())
-        row_of = {u.key: first_row + i for i, u in enumerate(shard)}
-        written = rankout.write_rank_npz(self._parts(), row_of, self.dir / EMBEDDINGS, self.dim)
-        del row_of
+        index = rankout.ShardIndex(shard, first_row)
+        written = rankout.write_rank_npz(self._parts(), index, self.dir / EMBEDDINGS, self.dim)
         metadata.update({"embedding_dimension": written["dim"] or metadata.get("embedding_dimension"),
                          "audio_seconds": round(written["audio_seconds"], 3), "failures": written["failures"]})
         metadata.setdefault("counts", {}).update({"embedded": written["embedded"], "failed": written["failed"]})
-        self.rewrite_pickles(utterances)
+        self.rewrite_pickles(shard, index)
         atomic_write_json(self.metadata_path, metadata)
         shutil.rmtree(self.parts_dir, ignore_errors=True)
         return written
 
-    def rewrite_pickles(self, utterances: Dict[str, "object"]) -> None:
+    def rewrite_pickles(self, shard: List, index=None) -> None:
         """The seed's per-rank pickles, from the rank's npz (a block at a time)."""
         from speakerlab import rankout
-        rankout.write_rank_pickles(self.dir / EMBEDDINGS, utterances, self.dir / RANK_PICKLES[0],
-                                   self.dir / RANK_PICKLES[1])
+        rankout.write_rank_pickles(self.dir / EMBEDDINGS, index or rankout.ShardIndex(shard),
+                                   self.dir / RANK_PICKLES[0], self.dir / RANK_PICKLES[1])

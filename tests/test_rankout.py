@@ -11,7 +11,7 @@ from speakerlab.npyfile import MappedNpy
 
 def make_parts(tmp_path, count=500, dim=8, per_part=37, seed=0):
     rng = np.random.default_rng(seed)
-    utts = [Utterance(key=f"d_s{i // 9}_u{i:04d}", dataset="d", speaker=f"s{i // 9}", utterance=f"u{i:04d}",
+    utts = [Utterance(key=f"d_s{i // 9:03d}_u{i:04d}", dataset="d", speaker=f"s{i // 9:03d}", utterance=f"u{i:04d}",
                       path=f"/x/{i}.wav") for i in range(count)]
     order = rng.permutation(count)  # processing order: by length, not by key
     matrix = rng.standard_normal((count, dim)).astype(np.float32)
@@ -34,9 +34,8 @@ def test_rank_npz_from_parts_in_scan_order(tmp_path):
     # a redone part (a rerun) repeats keys: they count once
     repeat = tmp_path / "part_000099.npz"
     repeat.write_bytes(parts[2].read_bytes())
-    row_of = {u.key: i for i, u in enumerate(utts)}
     out = tmp_path / "embeddings.npz"
-    counts = rankout.write_rank_npz(parts + [repeat], row_of, out)
+    counts = rankout.write_rank_npz(parts + [repeat], rankout.ShardIndex(utts), out)
     embedded = [i for i in range(len(utts)) if i % 23]
     assert counts["embedded"] == len(embedded) and counts["failed"] == len(failed) + len(
         json.loads(str(np.load(parts[2])["failures"])))
@@ -53,11 +52,9 @@ def test_rank_npz_from_parts_in_scan_order(tmp_path):
 
 def test_rank_pickles_from_the_npz(tmp_path):
     utts, matrix, parts, _ = make_parts(tmp_path, seed=1)
-    row_of = {u.key: i for i, u in enumerate(utts)}
     out = tmp_path / "embeddings.npz"
-    rankout.write_rank_npz(parts, row_of, out)
-    by_key = {u.key: u for u in utts}
-    rankout.write_rank_pickles(out, by_key, tmp_path / "u.pkl", tmp_path / "s.pkl")
+    rankout.write_rank_npz(parts, rankout.ShardIndex(utts), out)
+    rankout.write_rank_pickles(out, rankout.ShardIndex(utts), tmp_path / "u.pkl", tmp_path / "s.pkl")
     with open(tmp_path / "u.pkl", "rb") as handle:
         per_utt = pickle.load(handle)
     embedded = [i for i in range(len(utts)) if i % 23]

@@ -206,7 +206,7 @@ def test_parts_are_atomic_and_temp_files_ignored(tmp_path):
         ["part_000001.npz", "part_000002.npz", "part_000003.npz"]
     from speakerlab.data import Utterance
     shard = [Utterance(key=k, dataset="d", speaker="s", utterance=k, path=f"/x/{k}.wav") for k in "abcd"]
-    written = again.finalize({u.key: u for u in shard}, {}, first_row=10, shard=shard)
+    written = again.finalize(shard, {}, first_row=10)
     assert written["embedded"] == 3 and written["failed"] == 1
     with np.load(again.dir / "embeddings.npz") as data:  # in scan order, with the seconds recorded
         assert list(data["keys"]) == ["a", "c", "d"] and data["rows"].tolist() == [10, 12, 13]

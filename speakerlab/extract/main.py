@@ -219,7 +219,7 @@ def run_shard(options: ExtractOptions, run_dir: RunDir, scan, run_id: str, embed
         if missing:  # the embeddings are all there: only the files made from them are rewritten
             log.warning("rank %d was complete, but %s missing: rewriting from %s", rank, ", ".join(missing),
                         run_dir.rank_embeddings_path(rank).name)
-            store.rewrite_pickles({u.key: u for u in shard})
+            store.rewrite_pickles(shard)
         counts = previous["counts"]
         log.info("rank %d: already complete (%d embedded, %d failed); nothing to do (--overwrite redoes it)",
                  rank, counts["embedded"], counts["failed"])
@@ -282,7 +282,7 @@ def finish_rank(store: RankStore, shard, metadata: dict, started: datetime, stri
         "embedding_dimension": store.dim,
         "counts": {"assigned": len(shard)},
     })
-    written = store.finalize({u.key: u for u in shard}, metadata, first_row, shard)
+    written = store.finalize(shard, metadata, first_row)
     embedded, failed = written["embedded"], written["failed"]
     if failed:
         log.warning("rank %d: %d of %d files failed (see %s)", rank, failed, len(shard), store.metadata_path)
