@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Scale benchmark: the scan shared by ranks, a rank's memory, the streamed merge and the mapped API.
 
-Each measured step runs as its own process (wall time and peak RSS from ``wait4``):
+Each measured step runs as its own process (wall time; peak RSS = the child's VmHWM, polled):
 
 1. scan: a synthetic tree of ``--files`` tiny valid WAVs (10 ms each: the work per file is the walk
    and the header read). The scan of extraction (``extract.coordinate.shared_scan``: walk on rank 0,
@@ -75,14 +75,25 @@ def measured(cmd, env=None):
     proc = subprocess.Popen([str(c) for c in cmd], env=full, stdout=out_file, stderr=err_file)
 
     def wait():
-        _, status, usage = os.wait4(proc.pid, 0)
+        # peak RSS as the child's own high-water mark (VmHWM, polled): ru_maxrss from wait4 also counts
+        # the parent's pages the child held between fork and exec (a 1 GB bench parent inflated it)
+        hwm = 0.0
+        while proc.poll() is None:
+            try:
+                for line in open(f"/proc/{proc.pid}/status"):
+                    if line.startswith("VmHWM:"):
+                        hwm = max(hwm, int(line.split()[1]) / 1024.0)
+            except OSError:
+                pass
+            time.sleep(0.1)
+        status = proc.returncode
         wall = time.perf_counter() - started
         out_file.seek(0)
         err_file.seek(0)
         out, err = out_file.read().decode(errors="replace"), err_file.read().decode(errors="replace")
-        if os.waitstatus_to_exitcode(status) != 0:
+        if status != 0:
             raise RuntimeError(f"failed: {' '.join(map(str, cmd))}\n{err[-3000:]}")
-        return wall, usage.ru_maxrss / 1024.0, out, err
+        return wall, hwm, out, err
     return wait
 
 
