@@ -166,6 +166,8 @@ class FinalDir:
         try:
             record = json.loads(record_path.read_text(encoding="utf-8"))
             files = dict(record["files"])
+            if not all(isinstance(info, dict) for info in files.values()):  # hand-edited or damaged
+                raise TypeError("a file entry is not an object")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise FinalDirError(f"{record_path} is unreadable ({exc}); rerun the merge") from None
         problem = _disagreement(path, files, check_digests)
