@@ -47,6 +47,7 @@ log = logging.getLogger("speakerlab")
 SCAN = "scan.json"
 READY = "scan.ready.json"
 LOCK = "extract.lock"
+CLEANUP = "cleanup.json"   # clean-up's verified run ids: a clean-up killed half way can be rerun
 METADATA = "metadata.json"
 EMBEDDINGS = "embeddings.npz"
 RANK_PICKLES = ("utterance_embeddings.pkl", "speaker_embeddings.pkl")
@@ -368,26 +369,41 @@ class RunDir:
         return sorted({(self.read_metadata(r) or {}).get("run_id") or "" for r in self.ranks()})
 
     # --- clean-up ---
+    def read_cleanup(self) -> Optional[dict]:
+        try:
+            record = read_json(self.path / CLEANUP)
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def write_cleanup(self, record: dict) -> None:
+        atomic_write_json(self.path / CLEANUP, record)
+
     def pipeline_entries(self) -> Tuple[List[Path], List[Path]]:
         """(files, dirs) under the run dir that the pipeline writes, by known name; dirs deepest first."""
         def plain_files(folder: Path, keep) -> List[Path]:
             return [p for p in folder.iterdir()
                     if (keep(p.name) or is_temp_name(p.name)) and p.is_file() and not p.is_symlink()]
 
-        files = plain_files(self.path, lambda name: name in (SCAN, READY, LOCK))
+        top = plain_files(self.path, lambda name: name in (SCAN, READY, LOCK, CLEANUP))
+        files = []
         dirs = []
         for rank in self.ranks():
             rank_dir = self.rank_dir(rank)
             if rank_dir.is_symlink():
                 continue
-            files += plain_files(rank_dir, lambda name: name in (METADATA, EMBEDDINGS, *RANK_PICKLES))
+            rank_files = plain_files(rank_dir, lambda name: name in (METADATA, EMBEDDINGS, *RANK_PICKLES))
             for sub, pattern in ((PARTS, _PART), (JOURNAL, re.compile(r"\d+"))):
                 folder = rank_dir / sub
                 if folder.is_dir() and not folder.is_symlink():
                     files += plain_files(folder, pattern.fullmatch)
                     dirs.append(folder)
+            files += sorted(rank_files, key=lambda p: p.name == METADATA)  # its run id goes last
             dirs.append(rank_dir)
-        return files, dirs
+        # in removal order: the ranks, then the scan, the clean-up record and the lock last, so a
+        # clean-up killed half way still finds what it needs to be rerun
+        order = (READY, SCAN, CLEANUP, LOCK)
+        return files + sorted(top, key=lambda p: order.index(p.name) if p.name in order else -1), dirs
 
 
 # --- one rank's results ---------------------------------------------------------------------

@@ -46,3 +46,39 @@ def test_a_record_whose_file_entry_is_not_an_object_is_one_line(merged, tmp_path
     for cmd in ([sys.executable, "-m", "speakerlab.report", final], [sys.executable, ROOT / "example_usage.py", final]):
         r = run_cli(cmd)
         assert r.returncode == 2 and "Traceback" not in r.stderr and "complete.json is unreadable" in r.stderr, r.stderr
+
+
+def test_a_clean_up_killed_at_any_step_can_be_rerun(tmp_path, model, monkeypatch):
+    """SIGKILL during stage 3 leaves the run dir part removed; rerunning stage 3 must finish the job
+    (not refuse for good with "no scan file" or "no run id"), and still only for its own final dir."""
+    from pathlib import Path as _Path
+    from speakerlab import cleanup
+    from speakerlab.rundir import RunDir
+    data = make_tree(tmp_path / "data")
+    run, final = tmp_path / "tmp", tmp_path / "final"
+    assert run_cli(extract_cmd(data, run, *model, "--num_workers", "0")).returncode == 0
+    assert run_cli(merge_cmd(run, final)).returncode == 0
+    steps = len(RunDir(run).pipeline_entries()[0])
+    backup = tmp_path / "backup"
+    import shutil
+    shutil.copytree(run, backup)
+    for killed_after in range(steps):
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(backup, run)
+        removed = []
+        real_unlink = _Path.unlink
+
+        def unlink(self, *a, **k):
+            if len(removed) == killed_after:
+                raise KeyboardInterrupt("killed")  # stands in for SIGKILL: nothing after it runs
+            removed.append(self)
+            return real_unlink(self, *a, **k)
+        monkeypatch.setattr(_Path, "unlink", unlink)
+        with pytest.raises(KeyboardInterrupt):
+            cleanup.clean(final, run)
+        monkeypatch.setattr(_Path, "unlink", real_unlink)
+        assert cleanup.main(["--final_dir", str(tmp_path / "other"), "--intermediate_dir", str(run)]) == 1
+        assert run.exists()
+        assert cleanup.main(["--final_dir", str(final), "--intermediate_dir", str(run)]) == 0, killed_after
+        assert not run.exists(), killed_after
+    speakerlab.load_embeddings(final)
