@@ -82,3 +82,17 @@ def test_a_clean_up_killed_at_any_step_can_be_rerun(tmp_path, model, monkeypatch
         assert cleanup.main(["--final_dir", str(final), "--intermediate_dir", str(run)]) == 0, killed_after
         assert not run.exists(), killed_after
     speakerlab.load_embeddings(final)
+
+
+def test_empty_rank_dirs_left_by_a_killed_clean_up_do_not_block_a_rerun(tmp_path, model):
+    """After stage 3 was killed past the scan, only empty rank dirs (and its record) are left: rerunning the
+    whole command must extract again, not refuse with 'holds rank results but no scan.json'."""
+    data = make_tree(tmp_path / "data")
+    run = tmp_path / "tmp"
+    (run / "rank_00" / "parts").mkdir(parents=True)
+    r = run_cli(extract_cmd(data, run, *model, "--num_workers", "0"))
+    assert r.returncode == 0, r.stderr
+    (run / "scan.json").unlink()
+    (run / "rank_00" / "embeddings.npz").rename(tmp_path / "moved.npz")  # a rank with a file: still refused
+    r = run_cli(extract_cmd(data, run, *model, "--num_workers", "0"))
+    assert r.returncode == 2 and "holds rank results (rank_00)" in r.stderr, r.stderr
