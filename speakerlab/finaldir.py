@@ -109,6 +109,9 @@ def _write_files(out: Path, final: Path, formats, keys, matrix, utt_list, speake
             files += [ark, scp]
         if renamed:
             summary["kaldi_renamed_keys"] = renamed
+            import logging
+            logging.getLogger("speakerlab").warning("%d keys were renamed in the Kaldi files (whitespace): see "
+                                                    "kaldi_renamed_keys in %s", len(renamed), final / SUMMARY)
     summary["files"] = files
     atomic_write_json(out / SUMMARY, summary)
     return files + [SUMMARY]

@@ -96,3 +96,26 @@ def test_empty_rank_dirs_left_by_a_killed_clean_up_do_not_block_a_rerun(tmp_path
     (run / "rank_00" / "embeddings.npz").rename(tmp_path / "moved.npz")  # a rank with a file: still refused
     r = run_cli(extract_cmd(data, run, *model, "--num_workers", "0"))
     assert r.returncode == 2 and "holds rank results (rank_00)" in r.stderr, r.stderr
+
+
+def test_keys_that_clash_only_in_kaldi_files_are_renamed_not_a_traceback(tmp_path, model):
+    """'a b.wav' beside 'a_b.wav' (and speaker dirs 's k' beside 's_k'): distinct keys that Kaldi's
+    whitespace rule joins. Merge must still write every format, each key once, renames listed."""
+    from tests.helpers import tone, write_wav
+    data = tmp_path / "data"
+    for i, rel in enumerate(("ds/spk/a b.wav", "ds/spk/a_b.wav", "ds/s k/u.wav", "ds/s_k/u.wav")):
+        write_wav(data / rel, tone(0.6, seed=i, freq=180 + 40 * i))
+    run, final = tmp_path / "tmp", tmp_path / "final"
+    assert run_cli(extract_cmd(data, run, *model, "--num_workers", "0")).returncode == 0
+    r = run_cli(merge_cmd(run, final, "--formats", "pkl,npz,kaldi"))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "renamed in the Kaldi files" in r.stderr
+    import kaldiio
+    for scp, level in (("xvector.scp", "utterance"), ("spk_xvector.scp", "speaker")):
+        names = [line.split()[0] for line in (final / scp).read_text().splitlines()]
+        assert len(names) == len(set(names)) == (4 if level == "utterance" else 3)
+        assert all(not any(c.isspace() for c in n) for n in names)
+        assert len(kaldiio.load_scp(str(final / scp))) == len(names)
+    renamed = json.loads((final / "summary.json").read_text())["kaldi_renamed_keys"]
+    assert renamed["ds_spk_a b"].startswith("ds_spk_a_b-") and renamed["ds_s k_u"].startswith("ds_s_k_u-")
+    assert "ds_spk_a_b" in [line.split()[0] for line in (final / "xvector.scp").read_text().splitlines()]
