@@ -119,3 +119,24 @@ def test_keys_that_clash_only_in_kaldi_files_are_renamed_not_a_traceback(tmp_pat
     renamed = json.loads((final / "summary.json").read_text())["kaldi_renamed_keys"]
     assert renamed["ds_spk_a b"].startswith("ds_spk_a_b-") and renamed["ds_s k_u"].startswith("ds_s_k_u-")
     assert "ds_spk_a_b" in [line.split()[0] for line in (final / "xvector.scp").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("tail, reason", [("sample_rate: 8000\n", "key 'sample_rate' is given twice"),
+                                          (None, "holds a value that cannot be read")])
+def test_configs_with_a_repeated_key_or_a_huge_integer_are_one_line(tmp_path, tail, reason):
+    """A second 'sample_rate:' at the end silently won (the model then ran at the wrong rate); a
+    5000-digit integer was a ValueError traceback."""
+    from tests.helpers import micro_model
+    args = micro_model(tmp_path / "m")
+    config = Path(args[3])
+    text = config.read_text()
+    if tail:
+        text += tail
+    else:
+        text = text.replace("embedding_size: 16", "embedding_size: 1" + "0" * 5000)
+        assert "0" * 5000 in text
+    config.write_text(text)
+    data = make_tree(tmp_path / "data")
+    r = run_cli(extract_cmd(data, tmp_path / "out", *args, "--check_only"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert reason in r.stderr.strip().splitlines()[-1]
