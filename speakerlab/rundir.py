@@ -65,6 +65,15 @@ class RunDirBusy(RunDirError):
     """Another live job holds the run dir."""
 
 
+def _metadata_or_none(meta) -> Optional[dict]:
+    """A rank's metadata as read, or None (unreadable) when it is valid JSON of the wrong shape."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("run_id") or "", str):
+        return None
+    if any(not isinstance(meta.get(name) or {}, dict) for name in ("fingerprint", "counts")):
+        return None
+    return meta
+
+
 def rank_dir_name(rank: int) -> str:
     return f"rank_{rank:02d}"
 
@@ -212,7 +221,11 @@ class RunDir:
     # --- the scan ---
     def load_scan(self) -> data_mod.ScanResult:
         try:
-            return data_mod.load_scan(self.scan_path)
+            scan = data_mod.load_scan(self.scan_path)
+            if not (isinstance(scan.source, dict) and isinstance(scan.ignored, dict) and
+                    all(isinstance(x, list) for x in (scan.ignored_examples, scan.errors, scan.renames))):
+                raise TypeError("a field has the wrong type")  # valid JSON, but not a scan
+            return scan
         except (OSError, ValueError, KeyError, TypeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
             raise RunDirError(f"{self.scan_path} is unreadable ({reason}); it was cut short or damaged: "
@@ -331,7 +344,7 @@ class RunDir:
 
     def read_metadata(self, rank: int) -> Optional[dict]:
         try:
-            return read_json(self.rank_dir(rank) / METADATA)
+            return _metadata_or_none(read_json(self.rank_dir(rank) / METADATA))
         except (OSError, ValueError):
             return None
 
@@ -449,7 +462,7 @@ class RankStore:
     # --- state on disk -------------------------------------------------------------------
     def read_metadata(self) -> Optional[dict]:
         try:
-            return read_json(self.metadata_path)
+            return _metadata_or_none(read_json(self.metadata_path))
         except (OSError, ValueError):
             return None
 

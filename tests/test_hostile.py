@@ -140,3 +140,29 @@ def test_configs_with_a_repeated_key_or_a_huge_integer_are_one_line(tmp_path, ta
     r = run_cli(extract_cmd(data, tmp_path / "out", *args, "--check_only"))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert reason in r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("name, damage", [
+    ("metadata.json", lambda d: [d]), ("metadata.json", lambda d: "x"),
+    ("metadata.json", lambda d: {**d, "run_id": [1]}), ("metadata.json", lambda d: {**d, "fingerprint": 5}),
+    ("scan.json", lambda d: {**d, "source": "x"}), ("scan.json", lambda d: {**d, "renames": 5})])
+def test_run_dir_files_of_the_wrong_shape_are_one_line_and_a_rerun_repairs_metadata(merged, tmp_path, model,
+                                                                                     name, damage):
+    """Valid JSON of the wrong shape in scan.json or a rank's metadata.json was an AttributeError /
+    TypeError traceback in merge and extract; damaged metadata is now 'unreadable' (the rank is redone),
+    a damaged scan names the file."""
+    import shutil
+    run = tmp_path / "tmp"
+    shutil.copytree(merged[0], run)
+    path = run / ("rank_00" if name == "metadata.json" else "") / name
+    path.write_text(json.dumps(damage(json.loads(path.read_text()))))
+    r = run_cli(merge_cmd(run, tmp_path / "final"))
+    assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr
+    assert name in r.stderr.strip().splitlines()[-1]
+    data = Path(json.loads((merged[0] / "scan.json").read_text())["data_root"])
+    r = run_cli(extract_cmd(data, run, *model, "--num_workers", "0"))
+    assert "Traceback" not in r.stderr, r.stderr
+    if name == "metadata.json":
+        assert r.returncode == 0 and run_cli(merge_cmd(run, tmp_path / "final")).returncode == 0
+    else:
+        assert r.returncode == 1 and "scan.json is unreadable" in r.stderr
