@@ -166,3 +166,27 @@ def test_run_dir_files_of_the_wrong_shape_are_one_line_and_a_rerun_repairs_metad
         assert r.returncode == 0 and run_cli(merge_cmd(run, tmp_path / "final")).returncode == 0
     else:
         assert r.returncode == 1 and "scan.json is unreadable" in r.stderr
+
+
+@pytest.mark.parametrize("flag, value", [("--batch_size", "0"), ("--batch_size", "-3"), ("--num_workers", "-5"),
+                                         ("--streams", "0"), ("--max_chunk_s", "nan"), ("--max_chunk_s", "0"),
+                                         ("--header_threads", "0"), ("--flush_every", "0"), ("--gpu", "-1")])
+def test_out_of_range_numeric_flags_are_usage_errors(tmp_path, model, flag, value):
+    """--header_threads 0 and --max_chunk_s nan were tracebacks, --max_chunk_s 0 failed every file
+    (exit 1), --batch_size 0/-3 ran as if valid."""
+    data = make_tree(tmp_path / "data")
+    r = run_cli(extract_cmd(data, tmp_path / "out", *model, flag, value, "--check_only"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"argument {flag}" in r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("args, words", [(["--cpu_procs", "0"], "--cpu_procs needs at least 1"),
+                                         (["--nnodes", "0"], "--nnodes needs at least 1"),
+                                         (["--stage", "3", "--stop_stage", "1"], "runs no stage"),
+                                         (["--stop_stage", "4"], "runs no stage")])
+def test_driver_flags_that_run_nothing_or_crash_torchrun_are_usage_errors(tmp_path, args, words):
+    """--cpu_procs 0 was a torchrun AssertionError traceback (exit 1); --stage 3 --stop_stage 1 and
+    --nnodes 0 exited 0 having done nothing or ignored the flag."""
+    r = run_cli(["bash", ROOT / "run_embedding_extraction.sh", "--data_root", tmp_path, *args], cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, r.stderr
+    assert not r.stdout
