@@ -109,7 +109,12 @@ while [ $# -gt 0 ]; do
   esac
   shift 2
 done
-for pair in "--nnodes:$NNODES" "--cpu_procs:$CPU_PROCS"; do need_int "${pair%%:*}" "${pair#*:}"; done
+for pair in "--nnodes:$NNODES" "--cpu_procs:$CPU_PROCS"; do
+  need_int "${pair%%:*}" "${pair#*:}"
+  [ "${pair#*:}" -ge 1 ] || usage_error "${pair%%:*} needs at least 1, not ${pair#*:}"   # 0 crashed torchrun
+done
+[ "$stage" -ge 1 ] && [ "$stop_stage" -le 3 ] && [ "$stage" -le "$stop_stage" ] ||
+  usage_error "--stage $stage --stop_stage $stop_stage runs no stage (stages are 1, 2, 3; --stage <= --stop_stage)"
 [ -z "$NODE_RANK" ] || need_int --node_rank "$NODE_RANK"
 [ -z "$MASTER_PORT" ] || need_int --master_port "$MASTER_PORT"
 

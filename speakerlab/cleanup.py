@@ -49,8 +49,21 @@ def check_overlap(run_dir: Path, protected: List[Tuple[str, str]], audio_paths,
                 raise Refused(f"it contains audio of the run (in {folder})")
 
 
-def verify(final_dir: Path, run_dir: RunDir) -> List[str]:
-    """The run ids of ``run_dir``'s ranks, once ``final_dir`` verifies and was merged from exactly them."""
+def _resumed(final: FinalDir, final_dir: Path, run_dir: RunDir) -> Optional[List[str]]:
+    """The run ids an earlier clean-up of ``run_dir`` verified against this final dir, when it was killed
+    half way (its ranks partly removed) and nothing of another run has come since; else None."""
+    record = run_dir.read_cleanup()
+    if not record or record.get("final_dir") != _real(final_dir):
+        return None
+    ids = sorted(record.get("run_ids") or [])
+    if not ids or not any(sorted(run.get("run_ids", [])) == ids for run in final.runs):
+        return None
+    return ids if set(run_dir.run_ids()) <= set(ids) | {""} else None
+
+
+def verify(final_dir: Path, run_dir: RunDir) -> Tuple[List[str], List[str]]:
+    """(the run ids of ``run_dir``'s ranks, the run ids ``final_dir`` was verified to be merged from): the
+    same, or after a clean-up killed half way, what is left of them and what that clean-up verified."""
     try:
         final = FinalDir.open(final_dir, check_digests=True)
     except FinalDirError as exc:
@@ -58,13 +71,16 @@ def verify(final_dir: Path, run_dir: RunDir) -> List[str]:
     if final.summary().get("partial"):
         raise Refused("the merge was partial (--allow_partial); keeping the intermediate results")
     ids = run_dir.run_ids()
+    resumed = _resumed(final, final_dir, run_dir)
+    if resumed is not None and ids != resumed:
+        return ids, resumed
     if not ids or "" in ids:
         raise Refused("its ranks record no run id, so nothing shows the final dir was merged from it")
     if not any(sorted(run.get("run_ids", [])) == ids for run in final.runs):
         merged = "; ".join(", ".join(run.get("run_ids", [])) or "?" for run in final.runs) or "none"
         raise Refused(f"{final_dir} was not merged from it ({final_dir} holds run(s) {merged}; "
                       f"it holds run(s) {', '.join(ids)}); merge it first")
-    return ids
+    return ids, ids
 
 
 def clean(final_dir: Path, intermediate: Path, extra_protected: List[Tuple[str, str]] = ()) -> str:
@@ -73,7 +89,11 @@ def clean(final_dir: Path, intermediate: Path, extra_protected: List[Tuple[str, 
     if not intermediate.is_dir():
         raise Refused("it is not a directory")
     if not run_dir.has_scan():
-        raise Refused("it does not look like an extraction dir (no scan file)")
+        if run_dir.read_cleanup() is None:
+            raise Refused("it does not look like an extraction dir (no scan file)")
+        # a clean-up killed after it removed the ranks' files and the scan: its record and the lock are left
+        verify(final_dir, run_dir)
+        return _remove(intermediate, run_dir, None)
     try:
         scan = run_dir.load_scan()
     except RunDirError as exc:
@@ -89,7 +109,11 @@ def clean(final_dir: Path, intermediate: Path, extra_protected: List[Tuple[str, 
         if source.get("base"):  # relative audio paths start there: a run dir may sit below it, never above
             containers.append(("base dir of the input's relative paths", source["base"]))
     check_overlap(intermediate, protected, (u.path for u in scan.utterances), containers)
-    ids = verify(final_dir, run_dir)
+    ids, verified = verify(final_dir, run_dir)
+    return _remove(intermediate, run_dir, ids, {"final_dir": _real(final_dir), "run_ids": verified})
+
+
+def _remove(intermediate: Path, run_dir: RunDir, ids: Optional[List[str]], record: Optional[dict] = None) -> str:
     try:  # held while removing: no extraction can start in the dir meanwhile
         lock = run_dir.claim(f"cleanup-{os.getpid()}")
     except RunDirBusy as exc:
@@ -97,9 +121,11 @@ def clean(final_dir: Path, intermediate: Path, extra_protected: List[Tuple[str, 
     except RunDirError as exc:
         raise Refused(str(exc)) from None
     try:
-        if run_dir.run_ids() != ids:  # a job came and went since the check: check again, from the start
+        if ids is not None and run_dir.run_ids() != ids:  # a job came and went since the check: check again
             run_dir.release(lock)
             raise Refused("its ranks changed while it was being checked; run the clean-up again")
+        if record is not None:  # what was verified, for a rerun if this clean-up is killed half way
+            run_dir.write_cleanup(record)
         files, dirs = run_dir.pipeline_entries()
         for path in files:
             path.unlink()

@@ -220,10 +220,26 @@ def _check_events(text: str) -> None:
     (``&a [...]`` / ``*a`` let 600 bytes name billions of values: the "billion laughs"; no model
     config needs them), more than MAX_NODES values and nesting deeper than MAX_DEPTH."""
     nodes = depth = 0
+    maps = []  # per open collection: the keys seen so far and whether a key comes next (None: a list)
     for event in yaml.parse(text, Loader=_LOADER):
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             raise ConfigError(f"line {event.start_mark.line + 1}: YAML anchors and aliases (&name / *name) are "
                               "not supported in configs; write the values out")
+        # a key given twice: YAML keeps the last silently, so "sample_rate: 8000" at the end would win
+        is_start = isinstance(event, (yaml.ScalarEvent, yaml.MappingStartEvent, yaml.SequenceStartEvent))
+        if is_start and maps and maps[-1] is not None and maps[-1][1] and isinstance(event, yaml.ScalarEvent):
+            if event.value in maps[-1][0]:
+                raise ConfigError(f"line {event.start_mark.line + 1}: key {event.value!r} is given twice")
+            maps[-1][0].add(event.value)
+        if isinstance(event, yaml.MappingStartEvent):
+            maps.append([set(), True])
+        elif isinstance(event, yaml.SequenceStartEvent):
+            maps.append(None)
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            maps.pop()
+        if (isinstance(event, (yaml.ScalarEvent, yaml.MappingEndEvent, yaml.SequenceEndEvent))
+                and maps and maps[-1] is not None):
+            maps[-1][1] = not maps[-1][1]  # a node of this mapping is complete: key and value alternate
         if isinstance(event, (yaml.ScalarEvent, yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             nodes += 1
             if nodes > MAX_NODES:
@@ -268,4 +284,6 @@ def load_config(path) -> ModelConfig:
         raise ConfigError(f"config {path} is not valid YAML: {' '.join(str(exc).split())}") from None
     except RecursionError:
         raise ConfigError(f"config {path} is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(f"config {path} holds a value that cannot be read: {exc}") from None
     return config_from_dict(raw, source=str(path))

@@ -144,6 +144,9 @@ def _write_files(out: Path, final: Path, formats, keys, matrix, utt_list, speake
             files += [ark, scp]
         if renamed:
             summary["kaldi_renamed_keys"] = renamed
+            import logging
+            logging.getLogger("speakerlab").warning("%d keys were renamed in the Kaldi files (whitespace): see "
+                                                    "kaldi_renamed_keys in %s", len(renamed), final / SUMMARY)
     summary["files"] = files
     atomic_write_json(out / SUMMARY, summary)
     return files + [SUMMARY]
@@ -201,6 +204,8 @@ class FinalDir:
         try:
             record = json.loads(record_path.read_text(encoding="utf-8"))
             files = dict(record["files"])
+            if not all(isinstance(info, dict) for info in files.values()):  # hand-edited or damaged
+                raise TypeError("a file entry is not an object")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise FinalDirError(f"{record_path} is unreadable ({exc}); rerun the merge") from None
         problem = _disagreement(path, files, check_digests)

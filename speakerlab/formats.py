@@ -3,10 +3,13 @@
 - pickles: the seed's schemas, ``{key: {embedding, dataset, speaker_id, ...}}``. Unpickling can run
   arbitrary code: load pickles only from a source you trust, else use npz.
 - npz: ``keys`` (str) and ``embeddings`` (float32, N x D); load with ``np.load(path, allow_pickle=False)``.
-- kaldi: ark/scp via kaldiio. Kaldi keys cannot hold whitespace: such characters become ``_`` there.
+- kaldi: ark/scp via kaldiio. Kaldi keys cannot hold whitespace: such characters become ``_`` there
+  (plus ``-`` and 8 hex digits of the key where that would clash with another key).
 """
+import hashlib
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +48,10 @@ def write_kaldi(ark: Path, scp: Path, final_ark: Path, names, rows) -> dict:
     keys renamed for Kaldi."""
     import kaldiio
     mapped = [kaldi_key(k) for k in names]
+    counts = Counter(mapped)
+    # "a b" and "a_b" would be one Kaldi key: a renamed key that clashes gets a suffix from its own name
+    mapped = [m if m == k or counts[m] == 1 else f"{m}-{hashlib.sha1(k.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+              for k, m in zip(names, mapped)]
     if len(set(mapped)) != len(mapped):
         raise ValueError(f"keys collide once whitespace is replaced for Kaldi ({ark.name})")
     renamed = {k: m for k, m in zip(names, mapped) if k != m}

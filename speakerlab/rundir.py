@@ -53,6 +53,7 @@ WALK = "scan.walk.npz"          # the walked files before their headers are read
 HEADERS = "scan.headers"        # + _XX.npz: rank XX's share of the header reads
 READY = "scan.ready.json"
 LOCK = "extract.lock"
+CLEANUP = "cleanup.json"   # clean-up's verified run ids: a clean-up killed half way can be rerun
 METADATA = "metadata.json"
 EMBEDDINGS = "embeddings.npz"
 RANK_PICKLES = ("utterance_embeddings.pkl", "speaker_embeddings.pkl")
@@ -69,6 +70,15 @@ class RunDirError(Exception):
 
 class RunDirBusy(RunDirError):
     """Another live job holds the run dir."""
+
+
+def _metadata_or_none(meta) -> Optional[dict]:
+    """A rank's metadata as read, or None (unreadable) when it is valid JSON of the wrong shape."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("run_id") or "", str):
+        return None
+    if any(not isinstance(meta.get(name) or {}, dict) for name in ("fingerprint", "counts")):
+        return None
+    return meta
 
 
 def rank_dir_name(rank: int) -> str:
@@ -388,7 +398,7 @@ class RunDir:
 
     def read_metadata(self, rank: int) -> Optional[dict]:
         try:
-            return read_json(self.rank_dir(rank) / METADATA)
+            return _metadata_or_none(read_json(self.rank_dir(rank) / METADATA))
         except (OSError, ValueError):
             return None
 
@@ -453,27 +463,41 @@ class RunDir:
         return sorted({(self.read_metadata(r) or {}).get("run_id") or "" for r in self.ranks()})
 
     # --- clean-up ---
+    def read_cleanup(self) -> Optional[dict]:
+        try:
+            record = read_json(self.path / CLEANUP)
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def write_cleanup(self, record: dict) -> None:
+        atomic_write_json(self.path / CLEANUP, record)
+
     def pipeline_entries(self) -> Tuple[List[Path], List[Path]]:
         """(files, dirs) under the run dir that the pipeline writes, by known name; dirs deepest first."""
         def plain_files(folder: Path, keep) -> List[Path]:
             return [p for p in folder.iterdir()
                     if (keep(p.name) or is_temp_name(p.name)) and p.is_file() and not p.is_symlink()]
 
-        files = plain_files(self.path, lambda name: name in (SCAN, READY, LOCK, WALK) or
-                            bool(_HEADER_FILE.fullmatch(name)))
-        dirs = []
+        top = plain_files(self.path, lambda name: name in (SCAN, READY, LOCK, CLEANUP, WALK) or
+                          bool(_HEADER_FILE.fullmatch(name)))
+        files, dirs = [], []
         for rank in self.ranks():
             rank_dir = self.rank_dir(rank)
             if rank_dir.is_symlink():
                 continue
-            files += plain_files(rank_dir, lambda name: name in (METADATA, EMBEDDINGS, *RANK_PICKLES))
+            rank_files = plain_files(rank_dir, lambda name: name in (METADATA, EMBEDDINGS, *RANK_PICKLES))
             for sub, pattern in ((PARTS, _PART), (JOURNAL, re.compile(r"\d+"))):
                 folder = rank_dir / sub
                 if folder.is_dir() and not folder.is_symlink():
                     files += plain_files(folder, pattern.fullmatch)
                     dirs.append(folder)
+            files += sorted(rank_files, key=lambda p: p.name == METADATA)  # its run id goes last
             dirs.append(rank_dir)
-        return files, dirs
+        # in removal order: the ranks, then the scan, the clean-up record and the lock last, so a
+        # clean-up killed half way still finds what it needs to be rerun
+        order = (READY, SCAN, CLEANUP, LOCK)
+        return files + sorted(top, key=lambda p: order.index(p.name) if p.name in order else -1), dirs
 
 
 # --- one rank's results ---------------------------------------------------------------------
@@ -522,7 +546,7 @@ class RankStore:
     # --- state on disk -------------------------------------------------------------------
     def read_metadata(self) -> Optional[dict]:
         try:
-            return read_json(self.metadata_path)
+            return _metadata_or_none(read_json(self.metadata_path))
         except (OSError, ValueError):
             return None
 

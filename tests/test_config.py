@@ -128,7 +128,9 @@ def test_bad_top_level_values(tmp_path, line, key, words):
     ("block", "os.system", "takes a Python class"),
 ])
 def test_bad_model_args(tmp_path, arg, value, words):
-    message = refused(write(tmp_path / "c.yaml", GOOD + f"    {arg}: {value}\n"))
+    # replace the arg where GOOD has it (a key given twice is refused on its own)
+    lines = [line for line in GOOD.splitlines(keepends=True) if not line.startswith(f"    {arg}:")]
+    message = refused(write(tmp_path / "c.yaml", "".join(lines) + f"    {arg}: {value}\n"))
     assert f"c.yaml: embedding_model.args.{arg}" in message and words in message, message
 
 

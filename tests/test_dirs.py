@@ -309,6 +309,7 @@ def test_refused_scan_leaves_no_scan_file(tmp_path, model, capsys, monkeypatch):
     data = make_tree(tmp_path / "data")
     out = tmp_path / "out"
     (out / "rank_01").mkdir(parents=True)  # results of some other run, without their scan
+    (out / "rank_01" / "metadata.json").write_text("{}")  # (an empty rank dir holds no results)
     code, err = run_extract(data, out, model, capsys, monkeypatch)
     assert code == 2 and "holds rank results (rank_01) but no scan.npz" in err
     assert sorted(p.name for p in out.iterdir()) == ["extract.lock", "rank_01"]

@@ -40,8 +40,10 @@ def scan_on_rank0(options: ExtractOptions, source: dict, run_dir: RunDir, world:
         log.info("reusing %s (%d utterances)", run_dir.scan_path, len(scan.utterances))
         fresh = False
     else:
-        if ranks and not options.overwrite:  # results without the scan they were made from
-            raise UsageError(f"{run_dir} holds rank results ({', '.join(map(rank_dir_name, ranks))}) but no "
+        # empty rank dirs (left by a clean-up killed half way) hold no results
+        held = [r for r in ranks if any(p.is_file() for p in run_dir.rank_dir(r).rglob("*"))]
+        if held and not options.overwrite:  # results without the scan they were made from
+            raise UsageError(f"{run_dir} holds rank results ({', '.join(map(rank_dir_name, held))}) but no "
                              f"{run_dir.scan_path.name} to tell what they were made from; use --overwrite or another --output_dir")
         started = time.time()
         scan = manifest_mod.scan_source(source)

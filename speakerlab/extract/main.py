@@ -10,6 +10,7 @@ options -> run().
 """
 import argparse
 import logging
+import math
 import os
 import socket
 import sys
@@ -35,6 +36,32 @@ from speakerlab.rundir import RankStore, RunDir, RunDirBusy, RunDirError, scan_f
 log = logging.getLogger("speakerlab")
 
 
+def _whole(low: int, auto: bool = False):
+    """argparse type: a whole number >= ``low`` (or -1 = auto when ``auto``); a bad one is one usage line."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low and not (auto and value == -1):
+            raise argparse.ArgumentTypeError(f"{value} is below {low}" + (" (or -1 = auto)" if auto else ""))
+        return value
+    return parse
+
+
+def _seconds(allow_zero: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"{text} is not a {'non-negative' if allow_zero else 'positive'} "
+                                             "number of seconds")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Extract speaker embeddings (one torchrun rank).")
     p.add_argument("--data_root", default=None,
@@ -51,17 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint (state_dict); default: the embedded CAM++ zh/en common model")
     p.add_argument("--config_file", default=None, help="3D-Speaker style model YAML (see conf/)")
     p.add_argument("--use_gpu", action="store_true", help="run on CUDA when available (CPU otherwise)")
-    p.add_argument("--gpu", type=int, nargs="+", default=None,
+    p.add_argument("--gpu", type=_whole(0), nargs="+", default=None,
                    help="GPU ids, one per rank on the node: rank uses gpu[LOCAL_RANK] (repeat an id to share a "
                         "GPU deliberately, e.g. --gpu 0 0); default: the LOCAL_RANK-th visible GPU")
-    p.add_argument("--batch_size", type=int, default=None,
+    p.add_argument("--batch_size", type=_whole(1), default=None,
                    help="CPU: most utterances in one batch (default 128). GPU: ignored, the frame budget "
                         "(--batch_frames) alone sizes batches (short files make big batches)")
-    p.add_argument("--batch_frames", type=int, default=None,
+    p.add_argument("--batch_frames", type=_whole(1), default=None,
                    help="padded feature frames per batch (10 ms each); default 120000 on GPU; on CPU 6000, "
                         "or 1 (one utterance per batch) for ERes2Net models")
-    p.add_argument("--num_workers", type=int, default=-1, help="decode worker processes; -1 = auto")
-    p.add_argument("--streams", type=int, default=-1,
+    p.add_argument("--num_workers", type=_whole(0, auto=True), default=-1, help="decode worker processes; -1 = auto")
+    p.add_argument("--streams", type=_whole(1, auto=True), default=-1,
                    help="CPU only: batches run concurrently, each single-threaded; -1 = auto (one per core, <= 16)")
     p.add_argument("--dtype", choices=["auto"] + list(DTYPES), default="auto",
                    help="model precision; auto = bf16 on GPUs of compute capability >= 8.0 (7.x: fp16) and on CPUs "
@@ -74,15 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(slower; fused is the same function, see speakerlab/models/fusion.py)")
     p.add_argument("--channels", choices=["first", "mean"], default="first",
                    help="multi-channel audio: first channel (3D-Speaker) or the mean of all")
-    p.add_argument("--max_chunk_s", type=float, default=300.0,
+    p.add_argument("--max_chunk_s", type=_seconds(False), default=300.0,
                    help="longer files are embedded in equal chunks of at most this length, averaged")
-    p.add_argument("--flush_every", type=int, default=1000, help="flush results every N utterances")
-    p.add_argument("--flush_seconds", type=float, default=60.0, help="... or every N seconds")
-    p.add_argument("--header_threads", type=int, default=16, help="threads reading audio headers")
+    p.add_argument("--flush_every", type=_whole(1), default=1000, help="flush results every N utterances")
+    p.add_argument("--flush_seconds", type=_seconds(True), default=60.0, help="... or every N seconds")
+    p.add_argument("--header_threads", type=_whole(1), default=16, help="threads reading audio headers")
     p.add_argument("--overwrite", action="store_true", help="discard earlier results in output_dir")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any file fails")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    p.add_argument("--scan_timeout", type=float, default=12 * 3600,
+    p.add_argument("--scan_timeout", type=_seconds(False), default=12 * 3600,
                    help="seconds the other ranks wait for rank 0's scan of the input")
     p.add_argument("--check_only", action="store_true",
                    help="check the input, model, config and output dir, then exit: 0 if all is well, else "
