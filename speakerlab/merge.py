@@ -229,7 +229,8 @@ def merge(input_dirs: List[Path], output_dir: Path, formats: List[str], speaker_
                   "world_size": metas[0]["world_size"], "ranks_merged": [m["rank"] for m in metas],
                   "started": min(m["started"] for m in metas), "finished": max(m["finished"] for m in metas),
                   "command": metas[0]["command"], "devices": sorted({m["device"] for m in metas}),
-                  "batch_policy": metas[0].get("batch_policy"), "versions": metas[0].get("versions")}
+                  "batch_policy": metas[0].get("batch_policy"), "versions": metas[0].get("versions"),
+                  "engine": metas[0].get("engine")}
                  for d, (scan, metas, _) in zip(input_dirs, runs)],
         "partial": bool(problems),
         "problems": problems,
