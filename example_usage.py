@@ -13,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 import speakerlab
 
 MAX_TABLE = 12  # speakers shown in the printed similarity table
@@ -103,6 +105,27 @@ def speaker_table(emb) -> None:
         closest = max(((sims[i, j], keys[i], keys[j]) for i in range(len(keys)) for j in range(i + 1, len(keys))))
         print(f"most similar pair of speakers: {short(emb, closest[1])} and {short(emb, closest[2])} "
               f"({closest[0]:.3f})")
+        cosine_ranges(emb)
+
+
+def cosine_ranges(emb) -> None:
+    """How far apart the speakers are, utterance by utterance and against the speaker embeddings
+    (the README's demo figures come from here)."""
+    from speakerlab.plots import pair_scores
+    same, other = pair_scores(emb)  # all utterance pairs, sampled when there are very many
+    if len(same) and len(other):
+        print(f"utterance pairs: same speaker {same.min():.2f} to {same.max():.2f} ({len(same)} pairs), "
+              f"different speakers {other.min():.2f} to {other.max():.2f} ({len(other)} pairs)")
+    keys, unit = emb.matrix(normalize=True)
+    speakers, spk_unit = emb.matrix("speaker", normalize=True)
+    if len(keys) * len(speakers) > 20_000_000:
+        return
+    sims = unit @ spk_unit.T
+    own = np.array([speakers.index(emb.speaker_of(k)) for k in keys])
+    mine = sims[np.arange(len(keys)), own]
+    sims[np.arange(len(keys)), own] = np.nan
+    print(f"utterance to speaker embedding: its own {mine.min():.2f} to {mine.max():.2f}, "
+          f"other speakers {np.nanmin(sims):.2f} to {np.nanmax(sims):.2f}")
 
 
 def search_demo(emb, dataset: str, speaker: str, k: int) -> None:
@@ -134,10 +157,26 @@ def report_demo(final_dir: Path) -> None:
         print(f"no report: {exc}")
 
 
-def trials_demo(trials: str, target, nontarget) -> None:
+def trial_explainer(final_dir: Path):
+    """Why a trial side is not in the set (failed at extraction, or unknown), as speakerlab.score says it."""
+    from speakerlab.score import EmbeddingTable, ScoreError
+    try:
+        resolver = EmbeddingTable.from_dir(final_dir).index()
+    except ScoreError:
+        return None
+    return lambda name: resolver.lookup(name)[1] or f"'{name}' is not in this set"
+
+
+def trials_demo(trials: str, target, nontarget, skipped=()) -> None:
     from speakerlab.plots import equal_error_rate
     section(f"6. Trials {trials}: cosine scoring")
     print(f"{len(target)} target, {len(nontarget)} non-target trials")
+    if skipped:
+        print(f"{len(skipped)} trial(s) skipped, not scored:")
+        for entry in skipped[:10]:
+            print(f"  line {entry['line']}: {entry['reason']}")
+        if len(skipped) > 10:
+            print(f"  ... and {len(skipped) - 10} more")
     if len(target):
         print(f"mean target score {target.mean():.3f}")
     if len(nontarget):
@@ -190,7 +229,14 @@ def main(argv=None) -> int:
             from speakerlab import plots
             if not Path(args.trials).is_file():
                 raise ValueError(f"--trials {args.trials} is not a file")
-            trial_scores = plots.trial_scores(emb, args.trials)
+            # trials naming files that failed or are not in the set are listed and skipped, as
+            # speakerlab.score does; none left to score is an error
+            skipped = []
+            trial_scores = plots.trial_scores(emb, args.trials, skipped=skipped, explain=trial_explainer(final_dir))
+            if not sum(map(len, trial_scores)):
+                raise ValueError(f"none of the trials in {args.trials} could be scored "
+                                 f"(line {skipped[0]['line']}: {skipped[0]['reason']})" if skipped else
+                                 f"{args.trials} holds no trials")
         query = args.query or default_query(emb)
         emb.embedding(query)  # fails early, with the reason, on an unknown query
         for name in args.pair or ():
@@ -212,7 +258,7 @@ def main(argv=None) -> int:
     if not args.no_report:
         report_demo(final_dir)
     if trial_scores is not None:
-        trials_demo(args.trials, *trial_scores)
+        trials_demo(args.trials, *trial_scores, skipped=skipped)
     if args.plot:
         plot_demo(emb, Path(args.plot), args.trials, args.method, trial_scores)
     return 0

@@ -10,8 +10,13 @@ weights), measures on the same files:
                     our models unfused, torch/oneDNN left at their defaults;
   (b) pipeline   -- ``extract_speaker_embeddings.py`` as a whole process (start-up, scan, model
                     load, decode workers, batched fbank + model, results written), wall clock;
-  (c) ceiling    -- the model alone on fixed 6 s inputs at its best batch size, same dtype and
-                    memory format as (b).
+  (c) ceiling    -- the model alone, same dtype and memory format as (b): on CPU on fixed 6 s
+                    inputs at its best batch size; on CUDA on the very batch shapes (b) makes of
+                    this corpus (same plan, padding and grid; see same_shapes_ceiling).
+
+(b) also reports its steady state (from the rank's metadata ``timing``: audio embedded after the
+first batch over the time since, so start-up is excluded); on a GPU that, not the whole process,
+is what compares with (c). For a GPU's steady state use hours of audio: bench/gpu_check.sh.
 
 Speeds are x real time (audio seconds per wall second). Also reported: min cosine of (b) to (a)
 over files, and the peak resident memory of each phase (max RSS of the process and its decode
@@ -19,7 +24,7 @@ workers). Each phase runs in its own process so memory and thread settings do no
 
     python bench/bench_throughput.py                       # CPU, ~5-10 min on 2 cores
     python bench/bench_throughput.py --quick               # ~1-2 min smoke run
-    python bench/bench_throughput.py --device cuda         # one GPU
+    python bench/bench_throughput.py --device cuda:1       # one GPU, (a), (b) and (c) all on GPU 1
     python bench/bench_throughput.py --extract_args "--batch_frames 6000"   # try a setting
 
 Results: a table on stdout and JSON (``--json``, default bench/results/throughput_<device>.json).
@@ -245,13 +250,59 @@ def phase_reference(args) -> dict:
             "probe_s_by_threads": {str(k): round(v, 4) for k, v in threads.items()}}
 
 
+def same_shapes_ceiling(embedder, num_samples, batch_frames: int, batch_size=None) -> dict:
+    """Model-only x real time on exactly the batches the pipeline makes of these lengths (same plan:
+    frame budget, count cap, length grid, longest first), with features of the same padded shapes
+    and the same valid lengths (random values: the cost does not depend on them), after one warm-up
+    batch of each distinct shape (cuDNN's set-up per shape is start-up, as in the pipeline's steady
+    rate). ``num_samples`` at the model's rate."""
+    import torch
+    from speakerlab.batching import plan_batches
+    device = embedder.device
+    cfg = embedder.fbank.config
+    cap = batch_size or max(1, len(num_samples))
+    plan = plan_batches(num_samples, batch_frames, cap, frame_shift=cfg.frame_shift, grid=embedder.grid,
+                        grid_steps=embedder.grid_steps)[::-1]
+    all_frames = embedder.fbank.frame_lengths(torch.tensor(list(num_samples), dtype=torch.long)).tolist()
+    batches, audio_s = [], 0.0
+    for batch in plan:
+        rows = [(all_frames[i], i) for i in batch if embedder.min_frames <= all_frames[i] <= embedder.max_chunk_frames]
+        if rows:
+            batches.append(torch.tensor([f for f, _ in rows]))
+            audio_s += sum(num_samples[i] for _, i in rows) / cfg.sample_rate
+    most = max(len(f) * int(f.max()) for f in batches)
+    buffer = torch.randn(most * cfg.num_mel_bins, device=device)
+
+    def run(frames):
+        feats = buffer[:len(frames) * int(frames.max()) * cfg.num_mel_bins].view(len(frames), -1, cfg.num_mel_bins)
+        return embedder._forward(feats, frames)
+
+    from speakerlab.devices import exact_fp32
+    with torch.inference_mode(), exact_fp32(embedder.exact_fp32):
+        seen = {}
+        for frames in batches:
+            seen.setdefault((len(frames), int(frames.max())), frames)
+        warm = time.perf_counter()
+        for frames in seen.values():
+            run(frames)
+        sync(device)
+        started = time.perf_counter()
+        for frames in batches:
+            run(frames)
+        sync(device)
+        elapsed = time.perf_counter() - started
+    return {"x_real_time": audio_s / elapsed, "audio_s": round(audio_s, 1), "model_s": round(elapsed, 3),
+            "batches": len(batches), "shapes": len(seen), "warm_up_s": round(started - warm, 2),
+            "batch_frames": batch_frames, "grid_steps": embedder.grid_steps if embedder.grid else None}
+
+
 def phase_ceiling(args) -> dict:
-    """(c): model only, fixed 6 s inputs, the pipeline's dtype / memory format / CPU streams,
-    best batch size."""
+    """(c): model only, the pipeline's dtype / memory format. CPU: fixed 6 s inputs at the best batch
+    size, in the pipeline's streams. CUDA: the pipeline's own batch shapes (same_shapes_ceiling)."""
     import torch
     from concurrent.futures import ThreadPoolExecutor
     from speakerlab.config import load_config
-    from speakerlab.embedder import Embedder
+    from speakerlab.embedder import Embedder, default_batch_frames
     from speakerlab.extract import cpu_plan
     from speakerlab.models import load_model
     device = torch.device(args.device)
@@ -261,6 +312,16 @@ def phase_ceiling(args) -> dict:
     embedder = Embedder(load_model(config, args.model_path), config, device, dtype=args.dtype,
                         backend=args.backend, streams=streams)  # as the pipeline builds it
     dtype = embedder.dtype
+    if device.type == "cuda":
+        sr = config.sample_rate
+        from speakerlab.data import read_headers
+        utterances = list_corpus(Path(args.data_root))
+        read_headers(utterances, 16)
+        lengths = [int(u.num_samples * sr / u.sample_rate) for u in utterances if u.sample_rate]
+        result = same_shapes_ceiling(embedder, lengths, default_batch_frames(device, embedder.model))
+        result.update({"dtype": dtype, "channels_last": embedder.channels_last, "best_batch": "pipeline's",
+                       "x_real_time_by_batch": {}})
+        return result
     frames = 598  # 6 s of audio at 10 ms shift, 25 ms window
     budget = args.ceiling_seconds
 
@@ -407,13 +468,17 @@ def pipeline_cmd(args, model_path, config_file, data_root, output_dir, extra_arg
     cmd = [sys.executable, ROOT / "extract_speaker_embeddings.py", "--data_root", data_root,
            "--output_dir", output_dir, "--model_path", model_path, "--config_file", config_file,
            "--no_progress", "--overwrite"]
-    if args.device != "cpu":
-        cmd.append("--use_gpu")
+    if args.device != "cpu":  # the pipeline's one rank on that GPU
+        cmd += ["--use_gpu", "--gpu", str(torch_index(args.device))]
     if args.dtype != "auto":
         cmd += ["--dtype", args.dtype]
     if args.backend != "auto":
         cmd += ["--backend", args.backend]
     return cmd + shlex.split(extra_args)
+
+
+def torch_index(device: str) -> int:
+    return int(device.split(":", 1)[1]) if ":" in device else 0
 
 
 def cosines(ref_file: Path, rank_file: Path):
@@ -482,10 +547,15 @@ def bench_model(name: str, args, workdir: Path) -> dict:
                  "command": " ".join(shlex.quote(str(c)) for c in best["cmd"]),
                  "log": [l for l in best["stderr"].splitlines() if "INFO" in l or "WARN" in l][-6:]}
         entry.update(cosines(ref_out, out_dir / "rank_00" / "embeddings.npz"))
+        timing = meta.get("timing") or {}
+        entry["steady_x_real_time"] = timing.get("steady_x_real_time")  # start-up and first batch excluded
+        entry["timing"] = timing
         result[key] = entry
+        steady = entry["steady_x_real_time"]
         engine = entry["engine"] or {}
         print(f"[{name}] ({'b' if key == 'b_pipeline' else 'b baseline'}) pipeline {extra_args!r}: "
-              f"{entry['x_real_time']:.1f}x real time ({best['wall']:.1f} s whole process), "
+              f"{entry['x_real_time']:.1f}x real time ({best['wall']:.1f} s whole process"
+              + (f"; steady state {steady:.1f}x" if steady else "") + "), "
               f"min cosine to (a) {entry['min_cosine']:.5f}; engine {engine.get('backend')}/{engine.get('dtype')} "
               f"({engine.get('why', '')}; probe ms {engine.get('probe_ms')})", flush=True)
 
@@ -509,6 +579,9 @@ def bench_model(name: str, args, workdir: Path) -> dict:
         result["ratios"]["baseline_over_a"] = result["b_baseline"]["x_real_time"] / a
     if "c_ceiling" in result:
         result["ratios"]["b_over_c"] = b / result["c_ceiling"]["x_real_time"]
+        steady = result["b_pipeline"].get("steady_x_real_time")
+        if steady:  # the GPU's measure: whole-process start-up is seconds against little model time
+            result["ratios"]["b_steady_over_c"] = steady / result["c_ceiling"]["x_real_time"]
     if "d_peers" in result:  # ours over each peer, model only
         speeds = result["d_peers"]["x_real_time"]
         mine = next(v for k, v in speeds.items() if k.startswith("ours"))
@@ -529,7 +602,7 @@ def machine_info(device: str) -> dict:
     except OSError:
         pass
     if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu"] = torch.cuda.get_device_name(torch_index(device))
     try:
         from speakerlab.embedder import cpu_has_fast_bf16
         info["cpu_native_bf16"] = cpu_has_fast_bf16()
@@ -566,7 +639,7 @@ def print_peers(results):
 
 
 def print_table(results):
-    head = (f"{'model':<11} {'(a) ref x':>9} {'(b) ours x':>10} {'(c) ceil x':>10} {'b/a':>6} {'b/c':>6} "
+    head = (f"{'model':<11} {'(a) ref x':>9} {'(b) ours x':>10} {'(c) ceil x':>10} {'b/a':>6} {'b/c':>6} {'bs/c':>6} "
             f"{'base/a':>6} "
             f"{'min cos':>8} {'dtype':>5} {'a MiB':>6} {'b MiB':>6} {'c MiB':>6} {'load':>5}")
     print(head)
@@ -575,14 +648,15 @@ def print_table(results):
         c = r.get("c_ceiling", {})
         print(f"{r['model']:<11} {r['a_reference']['x_real_time']:>9.1f} {r['b_pipeline']['x_real_time']:>10.1f} "
               f"{c.get('x_real_time', float('nan')):>10.1f} {r['ratios']['b_over_a']:>6.2f} "
-              f"{r['ratios'].get('b_over_c', float('nan')):>6.2f} {r['ratios'].get('baseline_over_a', float('nan')):>6.2f} "
+              f"{r['ratios'].get('b_over_c', float('nan')):>6.2f} {r['ratios'].get('b_steady_over_c', float('nan')):>6.2f} "
+              f"{r['ratios'].get('baseline_over_a', float('nan')):>6.2f} "
               f"{r['b_pipeline']['min_cosine']:>8.5f} "
               f"{r['b_pipeline']['dtype']:>5} {r['a_reference']['peak_rss_mib']:>6.0f} "
               f"{r['b_pipeline']['peak_rss_mib']:>6.0f} {c.get('peak_rss_mib', float('nan')):>6.0f} "
               f"{max(r['a_reference']['load_before'], r['b_pipeline']['load_before']):>5.1f}")
     print("x = audio seconds per wall second; MiB = peak RSS (process + decode workers); load = 1-min load "
           "average before (a)/(b) started (above ~0.5 per core, other work skews the numbers); base/a = "
-          "(b) run with --baseline_args")
+          "(b) run with --baseline_args; bs/c = (b)'s steady state (start-up excluded) over (c), the GPU's measure")
 
 
 def main(argv=None) -> int:

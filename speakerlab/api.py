@@ -166,7 +166,8 @@ class SpeakerModel:
                 labels.append(label)
                 waves.append(wave)
                 positions.append(position)
-            for batch in plan_batches([len(w) for w in waves], batch_frames, batch_size, grid=self.embedder.grid):
+            for batch in plan_batches([len(w) for w in waves], batch_frames, batch_size, grid=self.embedder.grid,
+                                      grid_steps=self.embedder.grid_steps):
                 padded, lengths = pad_waves([waves[i] for i in batch])
                 for i, result in zip(batch, self.embedder.embed(padded, lengths)):
                     if result.error:

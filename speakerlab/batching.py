@@ -1,5 +1,5 @@
 """Grouping utterances into batches whose padded size is bounded by a frame budget."""
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,13 +21,15 @@ def grid_frames(frames: int, steps: int = GRID_STEPS_PER_OCTAVE) -> int:
     return mantissa << shift
 
 
-def plan_batches(num_samples: Sequence[int], frames_per_batch: int, max_batch_size: int,
-                 frame_shift: int = 160, grid: bool = False) -> List[List[int]]:
+def plan_batches(num_samples: Sequence[int], frames_per_batch: int, max_batch_size: Optional[int],
+                 frame_shift: int = 160, grid: bool = False,
+                 grid_steps: int = GRID_STEPS_PER_OCTAVE) -> List[List[int]]:
     """Sort by length and cut into batches with (count x longest frames) <= frames_per_batch.
 
     Similar lengths share a batch, so padding stays small; an utterance longer than the budget
-    gets a batch of its own. With ``grid``, lengths count as their ``grid_frames`` (what the
-    batch is padded to). Returns index lists, shortest batches first.
+    gets a batch of its own. With ``grid``, lengths count as their ``grid_frames(.., grid_steps)``
+    (what the batch is padded to: ``Embedder.grid_steps``). ``max_batch_size`` None: no count cap.
+    Returns index lists, shortest batches first.
     """
     order = sorted(range(len(num_samples)), key=lambda i: (num_samples[i], i))
     batches: List[List[int]] = []
@@ -35,8 +37,9 @@ def plan_batches(num_samples: Sequence[int], frames_per_batch: int, max_batch_si
     for index in order:
         frames = max(1, num_samples[index] // frame_shift)
         if grid:
-            frames = grid_frames(frames)
-        if current and ((len(current) + 1) * frames > frames_per_batch or len(current) >= max_batch_size):
+            frames = grid_frames(frames, grid_steps)
+        full = max_batch_size is not None and len(current) >= max_batch_size
+        if current and ((len(current) + 1) * frames > frames_per_batch or full):
             batches.append(current)
             current = []
         current.append(index)

@@ -2,17 +2,19 @@
 
 Shared by the extraction pipeline and the Python API so both give the same numbers.
 """
+import gc
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from speakerlab.batching import grid_frames
+from speakerlab.batching import GRID_STEPS_PER_OCTAVE, grid_frames
 from speakerlab.config import ModelConfig
+from speakerlab.devices import autocast_enabled, autocast_off, cuda_bf16_is_fast, exact_fp32
 from speakerlab.features import Fbank, FbankConfig
 from speakerlab.models.fusion import enable_fusion, keep_fp32, mkldnn_bf16_supported
 
@@ -26,9 +28,16 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def default_dtype(device: torch.device) -> str:
-    """Fastest setting measured to keep cosine >= 0.999 to fp32 on real speech (see README)."""
+    """Fastest setting measured to keep cosine >= 0.999 to fp32 on real speech (see README).
+
+    CUDA: bf16 on tensor cores (compute capability >= 8.0). Older GPUs report bf16 as supported but
+    emulate it, slower than fp32; V100/T4 (7.x) have fp16 tensor cores, and fp16's 10-bit mantissa is
+    finer than bf16's, only its range is smaller: an utterance whose fp16 embedding overflows is redone
+    in fp32 (``Pending.results``). Before 7.0 there are no tensor cores: fp32."""
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if cuda_bf16_is_fast(device):
+            return "bf16"
+        return "fp16" if torch.cuda.get_device_capability(device)[0] >= 7 else "fp32"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
@@ -66,9 +75,9 @@ class _Fp32Forward:
         self.dtype = dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_autocast_enabled(x.device.type):
+        if not autocast_enabled(x.device.type):
             return self.forward(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             return self.forward(x.float()).to(self.dtype)
 
 
@@ -91,6 +100,50 @@ def keep_feature_convs_fp32(model: torch.nn.Module, dtype: torch.dtype) -> int:
 
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def release_memory(device: torch.device) -> None:
+    """After an out-of-memory error has been handled: collect what its traceback held (reference
+    cycles too) and hand the allocator's free blocks back, so a retry starts from a clean slate."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Pending:
+    """A batch queued on the device; ``results()`` waits for it and returns one Result per row.
+
+    Its embeddings come back in one copy: on CUDA non-blocking into pinned memory, with an event
+    recorded behind it, so the host can store the previous batch while this one runs. ``redo``
+    (fp16 only) recomputes one row in fp32 when its fp16 embedding overflowed.
+    """
+
+    def __init__(self, results: List[Result], rows: List[int], embeddings: Optional[torch.Tensor],
+                 event=None, redo: Optional[Callable[[int], Optional[torch.Tensor]]] = None):
+        self._results = results
+        self._rows = rows
+        self._embeddings = embeddings
+        self._event = event
+        self._redo = redo
+
+    def results(self) -> List[Result]:
+        if self._rows:
+            if self._event is not None:
+                self._event.synchronize()
+            array = self._embeddings.numpy()
+            for position, row in enumerate(self._rows):
+                emb = np.array(array[position], dtype=np.float32)
+                if not np.isfinite(emb).all() and self._redo is not None:
+                    redone = self._redo(row)
+                    if redone is not None:
+                        log.info("an fp16 embedding overflowed; redone in fp32")
+                        emb = redone.cpu().numpy().astype(np.float32)
+                if np.isfinite(emb).all():
+                    self._results[row].embedding = emb
+                else:
+                    self._results[row].error = ("model", "the model produced a non-finite embedding")
+            self._rows, self._embeddings, self._event, self._redo = [], None, None, None
+        return self._results
 
 
 class Embedder:
@@ -134,9 +187,14 @@ class Embedder:
         self.fused = fuse
         if fuse:
             enable_fusion(self.model)
-        # Pad every batch to a grid length (batching.grid_frames) so shapes repeat; default on CPU,
-        # where oneDNN builds kernels per shape (GPU: unmeasured, off).
-        self.grid = device.type == "cpu" if grid is None else grid
+        # Pad every batch to a grid length (batching.grid_frames) so shapes repeat: on CPU oneDNN
+        # builds kernels per shape (16 steps per octave, <= 6.25% padding, measured); on CUDA each
+        # new (B, T) makes cuDNN choose its algorithms again, and padding costs compute in
+        # proportion, so a coarser grid (8 steps, <= 12.5%) halves the shapes (unmeasured).
+        self.grid = device.type in ("cpu", "cuda") if grid is None else grid
+        self.grid_steps = GRID_STEPS_PER_OCTAVE if device.type == "cpu" else GRID_STEPS_PER_OCTAVE // 2
+        # fp32 means fp32 on CUDA (no TF32): the fbank, the conv reading it, and --dtype fp32
+        self.exact_fp32 = device.type == "cuda"
         from speakerlab.calibration import choose_engine
         self.choice = choose_engine(self, dtype, backend, streams)
 
@@ -152,51 +210,64 @@ class Embedder:
         """Run as ``backend`` in ``dtype`` from now on (``engine``: the backend's compiled body)."""
         self.backend, self.dtype, self.engine = backend, dtype, engine
 
-    def _autocast(self):
-        if self.dtype == "fp32":
+    def _autocast(self, dtype: Optional[str] = None):
+        dtype = dtype or self.dtype
+        if dtype == "fp32":
             return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=DTYPES[self.dtype])
+        return torch.autocast(device_type=self.device.type, dtype=DTYPES[dtype])
 
     @torch.inference_mode()
-    def _forward(self, feats: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    def _forward(self, feats: torch.Tensor, frames: torch.Tensor, dtype: Optional[str] = None) -> torch.Tensor:
+        """(B, T, F) features on the device and (B,) frame counts on the host -> (B, D) fp32;
+        ``dtype`` overrides the embedder's (an fp32 redo)."""
         if self.grid:
-            padded = grid_frames(feats.shape[1])
+            padded = grid_frames(feats.shape[1], self.grid_steps)
             if padded > feats.shape[1]:  # zeros beyond every utterance: masked, invisible
                 feats = F.pad(feats, (0, 0, 0, padded - feats.shape[1]))
-        lengths = None if bool((frames == feats.shape[1]).all()) else frames
-        if self.engine is not None:  # the first conv in torch fp32, the rest in the backend
+        lengths = None if bool((frames == feats.shape[1]).all()) else frames  # host: no device sync
+        if self.engine is not None and (dtype is None or dtype == self.dtype):
+            # the first conv in torch fp32, the rest in the backend
             h = self.model.forward_stem(feats, lengths)
             full = torch.full((feats.shape[0],), feats.shape[1], dtype=torch.long)
             return self.engine(h, full if lengths is None else lengths).float()
-        with self._autocast():
+        with self._autocast(dtype):
             out = self.model(feats, lengths)
         return out.float()
 
-    def _forward_splitting(self, feats: torch.Tensor, frames: torch.Tensor) -> List[Optional[torch.Tensor]]:
+    def _forward_splitting(self, feats: torch.Tensor, frames: torch.Tensor,
+                           dtype: Optional[str] = None) -> List[Optional[torch.Tensor]]:
         """Forward; on out-of-memory halve the batch and retry, down to one utterance."""
         try:
-            return list(self._forward(feats, frames))
+            return list(self._forward(feats, frames, dtype))
         except (RuntimeError, torch.OutOfMemoryError) as exc:
             if not _is_oom(exc):
                 raise
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if feats.shape[0] == 1:
-                log.warning("out of memory on a single utterance of %d frames", int(frames[0]))
-                return [None]
-            half = feats.shape[0] // 2
-            log.warning("out of memory at batch %d x %d frames; retrying as two halves",
-                        feats.shape[0], feats.shape[1])
-            first = self._forward_splitting(feats[:half, :int(frames[:half].max())], frames[:half])
-            second = self._forward_splitting(feats[half:, :int(frames[half:].max())], frames[half:])
-            return first + second
+        # Out of memory. The retry runs here, after the handler: inside it, the exception's traceback
+        # keeps the failed forward's frames -- and so its activations -- alive, empty_cache() frees
+        # nothing and each half runs beside them (a real OOM would cascade down to batch 1).
+        release_memory(self.device)
+        if feats.shape[0] == 1:
+            log.warning("out of memory on a single utterance of %d frames", int(frames[0]))
+            return [None]
+        half = feats.shape[0] // 2
+        log.warning("out of memory at batch %d x %d frames; retrying as two halves",
+                    feats.shape[0], feats.shape[1])
+        first = self._forward_splitting(feats[:half, :int(frames[:half].max())], frames[:half], dtype)
+        second = self._forward_splitting(feats[half:, :int(frames[half:].max())], frames[half:], dtype)
+        return first + second
 
     @torch.inference_mode()
     def embed(self, waves: torch.Tensor, lengths: torch.Tensor) -> List[Result]:
         """(B, N) padded float waveforms at the model's rate -> one Result per row."""
-        waves = waves.to(self.device, non_blocking=True)
-        lengths = lengths.to(self.device)
-        feats, frames = self.fbank(waves, lengths)
+        return self.submit(waves, lengths).results()
+
+    @torch.inference_mode()
+    def submit(self, waves: torch.Tensor, lengths: torch.Tensor) -> Pending:
+        """Queue a batch on the device and return at once (CUDA): nothing here reads a value back
+        from the device -- frame counts come from the host-side ``lengths``, and the embeddings come
+        back in one asynchronous copy (``Pending.results()`` waits for it)."""
+        lengths = lengths.cpu()  # (from the loader: already on the host)
+        frames = self.fbank.frame_lengths(lengths)
         frames_list = frames.tolist()
         results = [Result() for _ in frames_list]
         normal, long = [], []
@@ -210,44 +281,70 @@ class Embedder:
                 long.append(row)
             else:
                 normal.append(row)
-        if normal:
-            index = torch.tensor(normal, device=feats.device)
-            sub_frames = frames.index_select(0, index)
-            sub = feats.index_select(0, index)[:, :int(max(frames_list[r] for r in normal))]
-            if self.channels_last:
-                sub = sub.contiguous()
-            for row, emb in zip(normal, self._forward_splitting(sub, sub_frames)):
-                self._store(results[row], emb)
-        for row in long:
-            self._embed_long(feats[row, :frames_list[row]], results[row])
-        return results
+        rows, outputs = [], []
+        with exact_fp32(self.exact_fp32):
+            feats, _ = self.fbank(waves.to(self.device, non_blocking=True), lengths)
+            if normal:
+                index = torch.tensor(normal)
+                sub = feats.index_select(0, index.to(feats.device, non_blocking=True))
+                sub = sub[:, :max(frames_list[r] for r in normal)]
+                if self.channels_last:
+                    sub = sub.contiguous()
+                for row, emb in zip(normal, self._forward_splitting(sub, frames.index_select(0, index))):
+                    if emb is None:
+                        results[row].error = ("model", "out of memory at batch size 1")
+                    else:
+                        rows.append(row)
+                        outputs.append(emb)
+            for row in long:
+                emb = self._embed_long(feats[row, :frames_list[row]], results[row])
+                if emb is not None:
+                    rows.append(row)
+                    outputs.append(emb)
+            if not rows:
+                return Pending(results, [], None)
+            redo = None
+            if self.dtype == "fp16":  # fp16 overflows above 65504: such a row is redone in fp32
+                def redo(row: int, feats=feats) -> Optional[torch.Tensor]:
+                    return self._redo_fp32(feats[row, :frames_list[row]], results[row])
+            del feats
+            return Pending(results, rows, *self._copy_back(torch.stack(outputs)), redo=redo)
 
-    def _embed_long(self, feats: torch.Tensor, result: Result) -> None:
+    @staticmethod
+    def _copy_back(embeddings: torch.Tensor):
+        """A batch's (K, D) embeddings to the host in one copy: (host tensor, event to wait on or None)."""
+        if embeddings.device.type != "cuda":
+            return embeddings.cpu(), None
+        host = torch.empty(embeddings.shape, dtype=embeddings.dtype, pin_memory=True)
+        host.copy_(embeddings, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    @torch.inference_mode()
+    def _redo_fp32(self, feats: torch.Tensor, result: Result) -> Optional[torch.Tensor]:
+        """One utterance's (T, F) features -> its fp32 embedding, chunked as in the first pass (or None)."""
+        with exact_fp32(self.exact_fp32):
+            if feats.shape[0] > self.max_chunk_frames:
+                return self._embed_long(feats, result, "fp32")
+            return self._forward_splitting(feats.unsqueeze(0), torch.tensor([feats.shape[0]]), "fp32")[0]
+
+    def _embed_long(self, feats: torch.Tensor, result: Result, dtype: Optional[str] = None) -> Optional[torch.Tensor]:
+        """The length-weighted mean of the chunk embeddings (on the device), or None (result.error set)."""
         total = feats.shape[0]
         pieces = -(-total // self.max_chunk_frames)
         bounds = [round(i * total / pieces) for i in range(pieces + 1)]
         weighted = None
         for start, end in zip(bounds[:-1], bounds[1:]):
             chunk = feats[start:end].unsqueeze(0)
-            emb = self._forward_splitting(chunk, torch.tensor([end - start], device=feats.device))[0]
+            emb = self._forward_splitting(chunk, torch.tensor([end - start]), dtype)[0]
             if emb is None:
                 result.error = ("model", "out of memory even for one chunk")
-                return
+                return None
             part = emb.double() * (end - start)
             weighted = part if weighted is None else weighted + part
         result.chunks = pieces
-        self._store(result, (weighted / total).float())
-
-    @staticmethod
-    def _store(result: Result, emb: Optional[torch.Tensor]) -> None:
-        if emb is None:
-            result.error = ("model", "out of memory at batch size 1")
-            return
-        array = emb.detach().cpu().numpy().astype(np.float32)
-        if not np.isfinite(array).all():
-            result.error = ("model", "the model produced a non-finite embedding")
-        else:
-            result.embedding = array
+        return (weighted / total).float()
 
     def frames_per_second(self) -> float:
         return self.fbank.config.sample_rate / self.fbank.config.frame_shift

@@ -14,6 +14,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from speakerlab.devices import autocast_off
 from speakerlab.models.masking import lengths_to_mask
 
 
@@ -115,16 +116,22 @@ class Fbank(torch.nn.Module):
     @torch.no_grad()
     def forward(self, waves: torch.Tensor, lengths: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(B, N) waveforms in [-1, 1] + (B,) sample counts -> ((B, T, F) features, (B,) frames)."""
+        """(B, N) waveforms in [-1, 1] + (B,) sample counts -> ((B, T, F) features, (B,) frames).
+
+        ``lengths`` may stay on the host while ``waves`` are on a GPU (what the pipeline does: the
+        frame counts it needs then never come back from the device); the frame counts are returned
+        on the lengths' device.
+        """
         cfg = self.config
         if waves.dim() == 1:
             waves = waves.unsqueeze(0)
         if lengths is None:
             lengths = torch.full((waves.shape[0],), waves.shape[1], dtype=torch.long,
                                  device=waves.device)
-        with torch.autocast(device_type=waves.device.type, enabled=False):
+        with autocast_off(waves.device.type):
             waves = waves.float()
             frame_counts = self.frame_lengths(lengths)
+            counts = frame_counts.to(waves.device, non_blocking=True)
             total = int(num_frames(waves.shape[1], cfg.frame_length, cfg.frame_shift))
             feats = torch.empty(waves.shape[0], total, cfg.num_mel_bins, device=waves.device)
             if total > 0:
@@ -133,8 +140,8 @@ class Fbank(torch.nn.Module):
                 for start in range(0, total, step):
                     feats[:, start:start + step] = self._log_mel(frames[:, start:start + step])
             if cfg.mean_norm and total > 0:
-                mask = lengths_to_mask(frame_counts, total).unsqueeze(-1).float()
-                mean = (feats * mask).sum(dim=1, keepdim=True) / frame_counts.clamp(min=1).view(-1, 1, 1)
+                mask = lengths_to_mask(counts, total).unsqueeze(-1).float()
+                mean = (feats * mask).sum(dim=1, keepdim=True) / counts.clamp(min=1).view(-1, 1, 1)
                 feats = (feats - mean) * mask
         return feats, frame_counts
 

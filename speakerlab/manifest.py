@@ -23,7 +23,8 @@ import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from speakerlab.data import AUDIO_EXTENSIONS, DataError, ScanResult, Utterance, scan_tree
+from speakerlab.cli import prog
+from speakerlab.data import AUDIO_EXTENSIONS, DataError, ScanResult, Utterance, assign_keys, scan_tree
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
 ALIASES = {"speaker_id": "speaker", "utterance_id": "utterance", "utt_id": "utterance"}
@@ -147,14 +148,19 @@ def segment_suffix(start: float, end: Optional[float]) -> str:
 
 
 def build(utterances: List[Tuple[Utterance, str]], base: Path) -> ScanResult:
-    """Sort by key and refuse two entries with one key (naming both)."""
-    found: Dict[str, Tuple[Utterance, str]] = {}
+    """Refuse one (dataset, speaker, utterance) given twice (naming both entries), give every entry a
+    unique key (data.assign_keys: names that join into one key are told apart) and sort by key."""
+    found: Dict[Tuple[str, str, str], Tuple[Utterance, str]] = {}
     for utt, where in utterances:
-        if utt.key in found:
-            raise DataError(f"{found[utt.key][1]} and {where} both map to the key '{utt.key}'; "
+        triple = (utt.dataset, utt.speaker, utt.utterance)
+        if triple in found:
+            raise DataError(f"{found[triple][1]} and {where} both give dataset '{utt.dataset}', speaker "
+                            f"'{utt.speaker}', utterance '{utt.utterance}' (key '{utt.key}'); "
                             "give them distinct utterance ids")
-        found[utt.key] = (utt, where)
-    return ScanResult(str(base), [found[k][0] for k in sorted(found)])
+        found[triple] = (utt, where)
+    chosen = [utt for utt, _ in found.values()]
+    renames = assign_keys(chosen)
+    return ScanResult(str(base), sorted(chosen, key=lambda u: u.key), renames=renames)
 
 
 def make_utterance(dataset: str, speaker: str, utterance: str, path_text: str, base: Path,
@@ -380,7 +386,8 @@ def rttm_to_manifest(rttm, audio_dir, output, dataset: str, min_duration_s: floa
 def main(argv=None) -> int:
     import argparse
     import sys
-    p = argparse.ArgumentParser(description="Write a segment manifest (CSV) from an RTTM file.")
+    p = argparse.ArgumentParser(prog=prog("speakerlab.manifest"),
+                                description="Write a segment manifest (CSV) from an RTTM file.")
     p.add_argument("--rttm", required=True)
     p.add_argument("--audio_dir", required=True, help="holds <recording id>.<wav|flac|ogg|mp3>")
     p.add_argument("--dataset", required=True, help="dataset name for the keys")

@@ -105,6 +105,19 @@ def speaker_means(matrix: np.ndarray, speaker_index: np.ndarray, num_speakers: i
     return (sums / totals[:, None]).astype(np.float32)
 
 
+def check_speaker_keys(utterances) -> None:
+    """Keys are unique within a run (data.assign_keys), but two runs may each give one key to a
+    different speaker (a_b/c in one, a/b_c in the other): refuse rather than mix their voices."""
+    owner: Dict[str, tuple] = {}
+    for utt in utterances:
+        name = (utt.dataset, utt.speaker)
+        if owner.setdefault(utt.speaker_key, name) != name:
+            raise MergeError(f"speaker key '{utt.speaker_key}' names two speakers in different runs: dataset "
+                             f"'{owner[utt.speaker_key][0]}' speaker '{owner[utt.speaker_key][1]}', and dataset "
+                             f"'{name[0]}' speaker '{name[1]}' ({utt.path}); extract them in one run (which "
+                             "tells them apart) or rename one")
+
+
 # --- main ----------------------------------------------------------------------------------
 def merge(input_dirs: List[Path], output_dir: Path, formats: List[str], speaker_mean: str = "plain",
           duration_weighted: bool = False, allow_partial: bool = False, closest_pairs: int = 20) -> dict:
@@ -125,9 +138,11 @@ def merge(input_dirs: List[Path], output_dir: Path, formats: List[str], speaker_
     ignored: Dict[str, int] = {}
     problems: List[str] = []
     scan_errors: List[dict] = []
+    key_renames: List[dict] = []
     for directory, (scan, metas, run_problems) in zip(input_dirs, runs):
         problems += [f"{directory}: {p}" for p in run_problems]
         scan_errors += [{"key": None, **error} for error in scan.errors]
+        key_renames += scan.renames
         for reason, count in scan.ignored.items():
             ignored[reason] = ignored.get(reason, 0) + count
         for utt in scan.utterances:
@@ -155,6 +170,7 @@ def merge(input_dirs: List[Path], output_dir: Path, formats: List[str], speaker_
     durations = np.array([extra.get(k, {}).get("seconds", utterances[k].duration) for k in keys])
 
     speaker_keys = sorted({utterances[k].speaker_key for k in keys})
+    check_speaker_keys(utterances[k] for k in keys)
     speaker_pos = {s: i for i, s in enumerate(speaker_keys)}
     speaker_index = np.array([speaker_pos[utterances[k].speaker_key] for k in keys], dtype=np.int64)
     speaker_matrix = (speaker_means(matrix, speaker_index, len(speaker_keys), speaker_mean,
@@ -215,6 +231,7 @@ def merge(input_dirs: List[Path], output_dir: Path, formats: List[str], speaker_
         "total_input_files": len(utterances),
         "failures": len(failures),
         "scan_errors": len(scan_errors),
+        "key_renames": key_renames,
         "ignored_files": ignored,
         "datasets": dict(sorted(datasets.items())),
         "speaker_mean": {"rule": speaker_mean, "duration_weighted": duration_weighted},
@@ -274,6 +291,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         log.warning("%d input files were not embedded: see %s", summary["failures"],
                     Path(args.output_dir) / "failures.json")
     if summary["scan_errors"]:
-        log.warning("%d paths under data_root could not be scanned (e.g. unreadable directories): see %s",
-                    summary["scan_errors"], Path(args.output_dir) / "failures.json")
+        log.warning("%d paths were not used by the scan (unreadable directories, names that are not UTF-8, "
+                    "two files that map to one key): see %s", summary["scan_errors"],
+                    Path(args.output_dir) / "failures.json")
+    if summary["key_renames"]:
+        log.warning("%d keys were renamed because different names join into one key: see key_renames in %s",
+                    len(summary["key_renames"]), Path(args.output_dir) / "summary.json")
     return 0

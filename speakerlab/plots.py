@@ -79,6 +79,15 @@ def project_2d(matrix: np.ndarray, method: str = "auto", seed: int = 0) -> Tuple
 def speaker_map(emb, path, method: str = "auto", max_speakers: int = 20, max_points: int = 3000,
                 seed: int = 0) -> Path:
     """Utterances in 2-D, coloured by speaker, marker by dataset; speaker means as labelled stars."""
+    fig, _, legends = draw_speaker_map(emb, method, max_speakers, max_points, seed)
+    return _save(fig, path, legends)
+
+
+STAR_SIZE = 260  # points^2, the speaker stars
+
+
+def draw_speaker_map(emb, method: str = "auto", max_speakers: int = 20, max_points: int = 3000, seed: int = 0):
+    """(figure, axes, legends) of the speaker map, not yet saved (the tests look at its artists)."""
     plt = _pyplot()
     speakers = _top_speakers(emb, max_speakers)
     chosen = set(speakers)
@@ -100,17 +109,19 @@ def speaker_map(emb, path, method: str = "auto", max_speakers: int = 20, max_poi
 
     fig, ax = plt.subplots(figsize=(9, 7))
     records = [emb.utterances[keys[i]] for i in rows]
+    # Stars below the utterances: a speaker with one utterance has its star exactly on that utterance,
+    # which then shows on top, ringed in white.
+    for j, speaker in enumerate(speakers):
+        ax.scatter(spk_points[j, 0], spk_points[j, 1], s=STAR_SIZE, marker="*", color=colors[speaker],
+                   edgecolors="black", linewidths=0.8, alpha=0.85, zorder=2)
     for speaker in speakers:
+        single = sum(r["speaker_key"] == speaker for r in records) == 1
         for dataset in datasets:
             mine = [j for j, r in enumerate(records) if r["speaker_key"] == speaker and r["dataset"] == dataset]
             if mine:
-                ax.scatter(utt_points[mine, 0], utt_points[mine, 1], s=36, alpha=0.75,
-                           color=colors[speaker], marker=marker_of[dataset], edgecolors="none")
-    for j, speaker in enumerate(speakers):
-        ax.scatter(spk_points[j, 0], spk_points[j, 1], s=260, marker="*", color=colors[speaker],
-                   edgecolors="black", linewidths=0.8, zorder=3)
-        ax.annotate(names[j], spk_points[j], xytext=(6, 6), textcoords="offset points", fontsize=9,
-                    fontweight="bold", zorder=4)
+                ax.scatter(utt_points[mine, 0], utt_points[mine, 1], s=60 if single else 36,
+                           alpha=1.0 if single else 0.75, color=colors[speaker], marker=marker_of[dataset],
+                           edgecolors="white" if single else "none", linewidths=1.2 if single else 0, zorder=3)
     if how.startswith("PCA"):
         _, first, second = how.split("|")
         ax.set_xlabel(f"PC 1 ({first} of variance)")
@@ -122,8 +133,6 @@ def speaker_map(emb, path, method: str = "auto", max_speakers: int = 20, max_poi
     total_speakers = len(emb.speaker_keys)
     shown = f"{len(speakers)} of {total_speakers} speakers (most utterances)" if len(speakers) < total_speakers \
         else f"{total_speakers} speakers"
-    ax.set_title(f"Utterance embeddings ({how}, cosine geometry): {len(rows)} utterances, {shown}\n"
-                 "colour = speaker, star = speaker embedding" + (", marker = dataset" if len(datasets) > 1 else ""))
     from matplotlib.lines import Line2D
     handles = [Line2D([], [], marker="o", linestyle="", color=colors[s], label=n) for s, n in zip(speakers, names)]
     legends = [ax.legend(handles=handles, title="speaker", loc="upper left", bbox_to_anchor=(1.01, 1.0),
@@ -134,7 +143,69 @@ def speaker_map(emb, path, method: str = "auto", max_speakers: int = 20, max_poi
                                           for d in datasets], title="dataset", loc="lower left",
                                  bbox_to_anchor=(1.01, 0.0), fontsize=8))
     ax.grid(alpha=0.3)
-    return _save(fig, path, legends)
+    placed = label_stars(ax, spk_points, names)
+    left_out = sum(p is None for p in placed)
+    ax.set_title(f"Utterance embeddings ({how}, cosine geometry): {len(rows)} utterances, {shown}\n"
+                 "colour = speaker, star = speaker embedding" + (", marker = dataset" if len(datasets) > 1 else "")
+                 + (f"; {left_out} star label(s) left out for room (see the legend)" if left_out else ""))
+    return fig, ax, legends
+
+
+def label_stars(ax, anchors, texts, fontsize: float = 9.0):
+    """Label each star near it where the label overlaps no other label and no star, trying rings of
+    growing radius around it (a thin line leads to a label placed further out). Left out (the legend
+    names every speaker): a label with no free place within reach, and the label of a star lying
+    under one already labelled. Stars are taken in the given order (most utterances first). Returns
+    each label's Annotation, or None where left out."""
+    from matplotlib.transforms import Bbox
+    fig = ax.figure
+    ax.autoscale_view()
+    ax.set_xlim(ax.get_xlim())  # fixed now: the labels are placed in pixels
+    ax.set_ylim(ax.get_ylim())
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    centres = ax.transData.transform(np.asarray(anchors, dtype=np.float64).reshape(-1, 2))
+    star_r = np.sqrt(STAR_SIZE) / 2 * fig.dpi / 72 * 0.8  # the star's body, not its tips
+    stars = [Bbox.from_extents(x - star_r, y - star_r, x + star_r, y + star_r) for x, y in centres]
+    taken: list = []
+    out = []
+    angles = np.deg2rad([45, 135, -45, -135, 90, -90, 0, 180])
+    for index, text in enumerate(texts):
+        probe = ax.text(0, 0, text, fontsize=fontsize, fontweight="bold")
+        extent = probe.get_window_extent(renderer)
+        probe.remove()
+        width, height = extent.width, extent.height
+        spot = None
+        # a star (nearly) under one already labelled: its label could point at either, so none
+        hidden = any(np.hypot(*(centres[index] - centres[j])) < 1.2 * star_r
+                     for j, done in enumerate(out) if done is not None)
+        for radius in [] if hidden else star_r + np.array([2.0, 10.0, 22.0, 38.0]):
+            for angle in angles:
+                cx, cy = centres[index] + radius * np.array([np.cos(angle), np.sin(angle)])
+                x0 = cx if np.cos(angle) > 0.3 else (cx - width if np.cos(angle) < -0.3 else cx - width / 2)
+                y0 = cy if np.sin(angle) > 0.3 else (cy - height if np.sin(angle) < -0.3 else cy - height / 2)
+                box = Bbox.from_bounds(x0, y0, width, height)
+                if not (frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1):
+                    continue
+                if any(box.overlaps(other) for other in taken) or any(box.overlaps(star) for star in stars):
+                    continue
+                spot = (box, radius)
+                break
+            if spot is not None:
+                break
+        if spot is None:
+            out.append(None)
+            continue
+        box, radius = spot
+        taken.append(box)
+        scale = 72 / fig.dpi  # pixels -> points
+        offset = ((box.x0 - centres[index][0]) * scale, (box.y0 - centres[index][1]) * scale)
+        far = radius > star_r + 12
+        out.append(ax.annotate(text, anchors[index], xytext=offset, textcoords="offset points", ha="left",
+                               va="bottom", fontsize=fontsize, fontweight="bold", zorder=4,
+                               arrowprops=dict(arrowstyle="-", color="grey", lw=0.6, shrinkA=0, shrinkB=star_r * scale)
+                               if far else None))
+    return out
 
 
 # --- heat maps -------------------------------------------------------------------------------
@@ -215,14 +286,20 @@ def utterance_similarity(emb, path, max_utterances: int = 80, seed: int = 0) -> 
 
 
 # --- trials, scores, DET ---------------------------------------------------------------------
-def trial_scores(emb, trials_path) -> Tuple[np.ndarray, np.ndarray]:
+def trial_scores(emb, trials_path, skipped: Optional[list] = None,
+                 explain=None) -> Tuple[np.ndarray, np.ndarray]:
     """(target scores, non-target scores) of a trials file (speakerlab.score's formats); trial
-    sides are utterance keys, speaker keys or paths."""
+    sides are utterance keys, speaker keys or paths.
+
+    A side that is not in the set raises KeyError, unless ``skipped`` is a list: such trials are then
+    left out and listed there as ``{line, enroll, test, reason}`` (``explain(name)`` gives the reason,
+    e.g. the file failed at extraction), as ``speakerlab.score`` does."""
     from speakerlab.score import read_trials
     trials = read_trials(trials_path)
     unlabelled = [t for t in trials if t.label is None]
     if unlabelled:
         raise ValueError(f"{trials_path}:{unlabelled[0].line}: trials need target/nontarget labels for plots")
+
     def resolve(name):
         if name in emb or name in emb.speakers:
             return name
@@ -236,10 +313,14 @@ def trial_scores(emb, trials_path) -> Tuple[np.ndarray, np.ndarray]:
         try:
             score = emb.score(resolve(a), resolve(b))
         except KeyError as exc:
-            unknown.append(str(exc.args[0]))
+            name = str(exc.args[0])
+            unknown.append(name)
+            if skipped is not None:
+                reason = explain(name) if explain else f"'{name}' is not in this set"
+                skipped.append({"line": trial.line, "enroll": a, "test": b, "reason": reason})
             continue
         (target if is_target else nontarget).append(score)
-    if unknown:
+    if unknown and skipped is None:
         raise KeyError(f"{len(unknown)} trial side(s) are not in this set, e.g. {unknown[0]!r}")
     return np.array(target), np.array(nontarget)
 

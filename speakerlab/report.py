@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from speakerlab.cli import prog
+
 
 class ReportError(Exception):
     pass
@@ -123,7 +125,7 @@ def render(final_dir, top: int = 10) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m speakerlab.report",
+    p = argparse.ArgumentParser(prog=prog("speakerlab.report"),
                                 description="Print a short report of a merged output dir.")
     p.add_argument("final_dir")
     p.add_argument("--top", type=int, default=10, help="rows per table (default 10)")

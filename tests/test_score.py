@@ -1,5 +1,6 @@
 """Trial scoring: EER / minDCF against scikit-learn, trial formats, lookups, mean subtraction, AS-norm."""
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -145,7 +146,7 @@ def test_pickle_is_used_without_npz(final, tmp_path):
     np.testing.assert_array_equal(got, matrix[np.argsort(keys)])
 
 
-def test_mean_subtraction_and_asnorm_match_numpy(final, tmp_path):
+def test_mean_subtraction_and_asnorm_match_numpy(final, tmp_path, caplog):
     final_dir, keys, matrix = final
     rng = np.random.default_rng(2)
     cohort_records = [record(f"c_s{i}_u{j}", "c", f"s{i}", f"c/s{i}/u{j}.wav") for i in range(12) for j in range(2)]
@@ -166,7 +167,10 @@ def test_mean_subtraction_and_asnorm_match_numpy(final, tmp_path):
         top_a = np.sort(spk @ ev[a])[-top_n:]
         top_b = np.sort(spk @ ev[b])[-top_n:]
         expected.append(0.5 * ((s - top_a.mean()) / top_a.std() + (s - top_b.mean()) / top_b.std()))
-    result = score.score_trials(final_dir, trials, mean_from=cohort_dir, asnorm_cohort=cohort_dir, asnorm_top_n=top_n)
+    with caplog.at_level(logging.WARNING, logger="speakerlab"):
+        result = score.score_trials(final_dir, trials, mean_from=cohort_dir, asnorm_cohort=cohort_dir,
+                                    asnorm_top_n=top_n)
+    assert not [r for r in caplog.records if "asnorm_top_n" in r.getMessage()]  # 5 of 12: no warning
     np.testing.assert_allclose(result["scores"], expected, rtol=1e-9, atol=1e-9)
     assert result["normalization"]["asnorm"] == {"cohort": str(cohort_dir), "level": "speaker", "top_n": 5,
                                                  "cohort_size": 12}
@@ -176,9 +180,13 @@ def test_mean_subtraction_and_asnorm_match_numpy(final, tmp_path):
     result = score.score_trials(final_dir, trials, mean_subtraction=True)
     np.testing.assert_allclose(result["scores"], [own[a] @ own[b] for a, b, _ in pairs], rtol=1e-9)
 
-    # utterance-level cohort, top_n larger than the cohort uses all of it
-    result = score.score_trials(final_dir, trials, asnorm_cohort=cohort_dir, asnorm_top_n=100,
-                                cohort_level="utterance")
+    # utterance-level cohort, top_n larger than the cohort uses all of it, and says so
+    with caplog.at_level(logging.WARNING, logger="speakerlab"):
+        result = score.score_trials(final_dir, trials, asnorm_cohort=cohort_dir, asnorm_top_n=100,
+                                    cohort_level="utterance")
+    warned = [r.getMessage() for r in caplog.records if "asnorm_top_n" in r.getMessage()]
+    assert warned == [f"warning: --asnorm_top_n 100 is larger than the cohort (24 utterance embeddings in "
+                      f"{cohort_dir}): AS-norm uses all 24"]
     raw, utt = unit(matrix.astype(np.float64)), unit(cohort_matrix.astype(np.float64))
     a, b = pairs[0][:2]
     s = raw[a] @ raw[b]

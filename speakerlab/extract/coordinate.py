@@ -53,6 +53,8 @@ def scan_on_rank0(options: ExtractOptions, source: dict, output_dir: Path, world
         log.info("scanned %d utterances in %.1f s", len(scan.utterances), time.time() - started)
     for error in scan.errors:
         log.warning("scan: %s: %s", error["path"], error["reason"])
+    if scan.renames:
+        log.warning("scan: %s", data_mod.describe_renames(scan.renames))
     stale = sorted(p for p in output_dir.glob("rank_*")
                    if p.is_dir() and p.name[5:].isdigit() and int(p.name[5:]) >= world)
     if stale and not options.overwrite:

@@ -27,7 +27,8 @@ from speakerlab.extract.coordinate import shared_scan, tell_waiting_ranks
 from speakerlab.extract.loader import DecodeJournal
 from speakerlab.extract.options import ExtractOptions, UsageError
 from speakerlab.extract.runtime import cpu_plan, pick_device, rank_info, versions
-from speakerlab.extract.worker import ShardPlan, embed_shard, signals_held
+from speakerlab.extract.worker import ShardPlan, SteadyRate, embed_shard, signals_held
+from speakerlab.hostmem import HostMemoryError
 from speakerlab.models import ModelLoadError, load_model
 from speakerlab.store import RankStore, atomic_write_json
 
@@ -50,8 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint (state_dict); default: the embedded CAM++ zh/en common model")
     p.add_argument("--config_file", default=None, help="3D-Speaker style model YAML (see conf/)")
     p.add_argument("--use_gpu", action="store_true", help="run on CUDA when available (CPU otherwise)")
-    p.add_argument("--gpu", type=int, nargs="+", default=[0], help="GPU ids; rank uses gpu[LOCAL_RANK %% len]")
-    p.add_argument("--batch_size", type=int, default=128, help="most utterances in one batch")
+    p.add_argument("--gpu", type=int, nargs="+", default=None,
+                   help="GPU ids, one per rank on the node: rank uses gpu[LOCAL_RANK] (repeat an id to share a "
+                        "GPU deliberately, e.g. --gpu 0 0); default: the LOCAL_RANK-th visible GPU")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="CPU: most utterances in one batch (default 128). GPU: ignored, the frame budget "
+                        "(--batch_frames) alone sizes batches (short files make big batches)")
     p.add_argument("--batch_frames", type=int, default=None,
                    help="padded feature frames per batch (10 ms each); default 120000 on GPU; on CPU 6000, "
                         "or 1 (one utterance per batch) for ERes2Net models")
@@ -59,14 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streams", type=int, default=-1,
                    help="CPU only: batches run concurrently, each single-threaded; -1 = auto (one per core, <= 16)")
     p.add_argument("--dtype", choices=["auto"] + list(DTYPES), default="auto",
-                   help="model precision; auto = bf16 on GPUs; on CPU the faster of fp32 and bf16, measured "
-                        "on this machine and model (cached; see README)")
+                   help="model precision; auto = bf16 on GPUs of compute capability >= 8.0 (7.x: fp16); on CPU "
+                        "the faster of fp32 and bf16, measured on this machine and model (cached; see README)")
     p.add_argument("--backend", choices=["auto"] + list(BACKENDS), default="auto",
                    help="CPU model engine: torch, or openvino (pip install .[openvino]); auto = the faster, "
                         "measured with --dtype auto's calibration")
     p.add_argument("--length_grid", choices=["auto", "on", "off"], default="auto",
-                   help="pad batches to one of 16 lengths per octave (<= 6.25%% more frames) so batch shapes "
-                        "repeat and oneDNN reuses its kernels; auto = on for CPU, off for GPU")
+                   help="pad batches to one of 16 lengths per octave (<= 6.25%% more frames; GPU: 8, <= 12.5%%) "
+                        "so batch shapes repeat and oneDNN / cuDNN reuse their set-up; auto = on")
     p.add_argument("--no_fusion", action="store_true",
                    help="run conv, BatchNorm and activation as separate ops, as the reference does "
                         "(slower; fused is the same function, see speakerlab/models/fusion.py)")
@@ -82,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.add_argument("--scan_timeout", type=float, default=12 * 3600,
                    help="seconds the other ranks wait for rank 0's scan of the input")
+    p.add_argument("--check_only", action="store_true",
+                   help="check the input, model, config and output dir, then exit: 0 if all is well, else "
+                        "2 with the reason (the driver runs this in one process before torchrun)")
     return p
 
 
@@ -151,6 +159,17 @@ def exit_status(embedded: int, failed: int, strict: bool, scan_problems: int = 0
     return 1 if scan_problems and strict else 0
 
 
+def batch_size_cap(batch_size: Optional[int], device: torch.device) -> Optional[int]:
+    """Most utterances per batch: --batch_size (128) on CPU; none on GPU, where the frame budget alone
+    sizes batches -- the seed's --batch_size 32 kept GPU batches far below the budget, so a CAM++
+    forward was a few ms of kernel launches for little work."""
+    if device.type == "cuda":
+        if batch_size is not None:
+            log.info("--batch_size %d ignored on GPU: the frame budget (--batch_frames) sizes batches", batch_size)
+        return None
+    return 128 if batch_size is None else batch_size
+
+
 def make_progress(total: int, initial: int, rank: int, position: int, disabled: bool):
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, desc=f"rank {rank}", unit="utt", position=position,
@@ -163,10 +182,18 @@ def run(options: ExtractOptions) -> int:
     output_dir = Path(options.output_dir)
     started = datetime.now(timezone.utc)
     source = describe_input(options)
-    device = pick_device(options.use_gpu, options.gpu, local_rank)
+    device = pick_device(options.use_gpu, options.gpu, local_rank, local_world)
     num_workers, threads, streams = cpu_plan(options.num_workers, local_world, device, options.streams)
     torch.set_num_threads(threads)
     embedder, model_identity = build_embedder(options, device, streams)
+    if options.check_only:
+        from speakerlab.checks import writable_dir_problem
+        problem = writable_dir_problem(output_dir, "--output_dir")
+        if problem:
+            raise UsageError(problem)
+        log.info("arguments OK: input %s, model %s, output dir %s", source["path"], model_identity["name"],
+                 output_dir.absolute())
+        return 0
     output_dir.mkdir(parents=True, exist_ok=True)
     scan = shared_scan(options, source, output_dir, rank, world)
     shard = data_mod.shard_by_duration(scan.utterances, rank, world)
@@ -187,14 +214,15 @@ def run(options: ExtractOptions) -> int:
                         store.metadata_path)
         return exit_status(counts["embedded"], counts["failed"], options.strict, scan_errors(scan, rank))
     store.dir.mkdir(parents=True, exist_ok=True)
-    plan = ShardPlan(batch_frames=embedder.batch_frames(options.batch_frames), batch_size=options.batch_size,
+    plan = ShardPlan(batch_frames=embedder.batch_frames(options.batch_frames),
+                     batch_size=batch_size_cap(options.batch_size, device),
                      num_workers=num_workers, streams=streams, threads=threads, channels=options.channels,
                      flush_every=options.flush_every, flush_seconds=options.flush_seconds,
-                     pin_memory=device.type == "cuda")
+                     pin_memory=device.type == "cuda", processes_on_host=local_world)
     metadata = {"rank": rank, "world_size": world, "complete": False, "fingerprint": fingerprint,
                 "model": model_identity, "started": started.isoformat(), "command": sys.argv,
                 "device": str(device), "dtype": embedder.dtype, "versions": versions(),
-                "batch_policy": {"batch_frames": None, "batch_size": options.batch_size,
+                "batch_policy": {"batch_frames": None, "batch_size": plan.batch_size,
                                  "fused": options.fuse, "length_grid": embedder.grid},
                 "engine": embedder.choice}  # backend and dtype, and why (speakerlab/calibration.py)
     atomic_write_json(store.metadata_path, metadata)
@@ -213,7 +241,14 @@ def run(options: ExtractOptions) -> int:
     metadata["batch_policy"].update({"streams": streams, "threads": threads, "num_workers": num_workers})
 
     progress = make_progress(len(shard), len(done), rank, local_rank, options.no_progress)
-    embed_shard(todo, embedder, store, plan, journal, progress, label=f"rank {rank}")
+    rate = SteadyRate()
+    embed_shard(todo, embedder, store, plan, journal, progress, label=f"rank {rank}", rate=rate,
+                notes=metadata["batch_policy"])
+    metadata["timing"] = rate.summary(device)
+    if metadata["timing"].get("steady_x_real_time"):
+        log.info("rank %d: steady state %.1fx real time (%.0f s of audio in %.1f s after the first batch)", rank,
+                 metadata["timing"]["steady_x_real_time"], metadata["timing"]["steady_audio_s"],
+                 metadata["timing"]["steady_s"])
     if journal is not None:
         journal.clear()
     progress.close()
@@ -250,9 +285,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     options = ExtractOptions.from_namespace(build_parser().parse_args(argv))
     try:
         return run(options)
-    except (UsageError, data_mod.DataError) as exc:
+    except (UsageError, data_mod.DataError, HostMemoryError) as exc:
         tell_waiting_ranks(Path(options.output_dir), str(exc))
-        print(f"error: {exc}", file=sys.stderr)
+        sys.stderr.write(f"error: {exc}\n")  # one write: ranks sharing a terminal or pipe do not interleave it
+        sys.stderr.flush()
         return 2
     except BaseException as exc:
         tell_waiting_ranks(Path(options.output_dir), f"{type(exc).__name__}: {exc}")

@@ -1,5 +1,5 @@
 """What one extraction run is asked to do: the options the CLI fills in (the library never sees argparse)."""
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import List, Optional
 
 
@@ -17,8 +17,8 @@ class ExtractOptions:
     model_path: Optional[str] = None
     config_file: Optional[str] = None
     use_gpu: bool = False
-    gpu: List[int] = field(default_factory=lambda: [0])
-    batch_size: int = 128
+    gpu: Optional[List[int]] = None       # None: the LOCAL_RANK-th visible GPU (devices.choose_gpu)
+    batch_size: Optional[int] = None      # None: 128 on CPU; on GPU the frame budget alone sizes batches
     batch_frames: Optional[int] = None
     num_workers: int = -1
     streams: int = -1
@@ -35,6 +35,7 @@ class ExtractOptions:
     strict: bool = False
     no_progress: bool = False
     scan_timeout: float = 12 * 3600
+    check_only: bool = False  # check input, model, config and output dir, then stop (the driver's pre-flight)
 
     @classmethod
     def from_namespace(cls, namespace) -> "ExtractOptions":

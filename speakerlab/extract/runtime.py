@@ -7,6 +7,9 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from speakerlab.devices import GpuMappingError, bound_per_task, choose_gpu
+from speakerlab.extract.options import UsageError
+
 log = logging.getLogger("speakerlab")
 
 
@@ -43,10 +46,18 @@ def job_id() -> Optional[str]:
     return None
 
 
-def pick_device(use_gpu: bool, gpus: List[int], local_rank: int) -> torch.device:
+def pick_device(use_gpu: bool, gpus: Optional[List[int]], local_rank: int, local_world: int = 1) -> torch.device:
+    """This rank's device: the GPU ``devices.choose_gpu`` maps it to (one clear error when the list
+    does not fit the GPUs and ranks), or the CPU without --use_gpu or without CUDA."""
     if use_gpu:
         if torch.cuda.is_available():
-            index = gpus[local_rank % len(gpus)]
+            try:
+                index, note = choose_gpu(gpus, local_rank, local_world, torch.cuda.device_count(),
+                                         bound_per_task(), os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+            except GpuMappingError as exc:
+                raise UsageError(str(exc)) from None
+            if note:
+                log.info(note)
             torch.cuda.set_device(index)
             return torch.device("cuda", index)
         log.warning("--use_gpu given but CUDA is not available: running on CPU")

@@ -3,16 +3,18 @@ results and failures written to a store. Knows nothing of ranks, scans or the co
 import logging
 import signal
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import List
+from typing import Callable, List, Optional
 
 import torch
 
 from speakerlab.batching import plan_batches
-from speakerlab.embedder import Embedder, Result
+from speakerlab.embedder import Embedder, Result, release_memory
+from speakerlab.hostmem import memory_limit_bytes, plan_in_flight, shm_free_bytes
 from speakerlab.extract.loader import MAX_DECODER_CRASHES, WaveDataset, collate, crashed_files, dead_workers
 
 log = logging.getLogger("speakerlab")
@@ -22,7 +24,7 @@ log = logging.getLogger("speakerlab")
 class ShardPlan:
     """How a shard is run: batch budget, decode workers, model streams, flushing."""
     batch_frames: int
-    batch_size: int
+    batch_size: Optional[int]  # None: no count cap (GPU: the frame budget alone)
     num_workers: int
     streams: int
     threads: int
@@ -30,6 +32,7 @@ class ShardPlan:
     flush_every: int = 1000
     flush_seconds: float = 60.0
     pin_memory: bool = False
+    processes_on_host: int = 1  # share /dev/shm and memory with this one (ranks on the node)
 
 
 class ModelStreams:
@@ -41,12 +44,17 @@ class ModelStreams:
     peak stays that of one long file.
     """
 
-    def __init__(self, embedder: Embedder, streams: int, threads: int, batch_frames: int):
+    def __init__(self, embedder: Embedder, streams: int, threads: int, batch_frames: int,
+                 overlap: Optional[bool] = None):
         self.embedder = embedder
         self.streams = max(1, streams)
         self.threads = threads
         self.batch_frames = batch_frames
         self._oversized = threading.Lock()
+        # GPU: batch k+1 is queued before batch k's results are waited for and stored, so the GPU
+        # never idles while the host writes (CPU streams overlap by running in threads instead)
+        self.overlap = (getattr(getattr(embedder, "device", None), "type", None) == "cuda"
+                        if overlap is None else overlap)
 
     def _embed(self, waves, lengths):
         frames = waves.shape[1] // self.embedder.fbank.config.frame_shift
@@ -57,6 +65,16 @@ class ModelStreams:
 
     def map(self, loader):
         """Yield (batch, [Result per utterance]) for each loader batch, in loader order."""
+        if self.streams == 1 and self.overlap:
+            previous = None
+            for batch in loader:
+                queued = (batch, submit_batch(self.embedder, batch[1], batch[2]) if batch[0] else list)
+                if previous is not None:
+                    yield previous[0], previous[1]()
+                previous = queued
+            if previous is not None:
+                yield previous[0], previous[1]()
+            return
         if self.streams == 1:
             for batch in loader:
                 yield batch, (self._embed(batch[1], batch[2]) if batch[0] else [])
@@ -75,10 +93,11 @@ class ModelStreams:
 
 
 def embed_shard(todo, embedder: Embedder, store, plan: ShardPlan, journal=None, progress=None,
-                label: str = "") -> float:
+                label: str = "", rate: Optional["SteadyRate"] = None, notes: Optional[dict] = None) -> float:
     """Embed ``todo`` (utterances) into ``store``; every file ends up added or failed. Returns the
     seconds of audio embedded. A decoder that kills its worker fails its file (named by ``journal``)
-    and the shard goes on, up to MAX_DECODER_CRASHES times."""
+    and the shard goes on, up to MAX_DECODER_CRASHES times. ``rate`` times the batches; ``notes``
+    (a dict) receives what was changed to fit the host (``in_flight``)."""
     prefix = f"{label}: " if label else ""
     sr = embedder.fbank.config.sample_rate
     est = [int(u.num_samples * sr / u.sample_rate) if u.sample_rate else 0 for u in todo]
@@ -89,11 +108,13 @@ def embed_shard(todo, embedder: Embedder, store, plan: ShardPlan, journal=None, 
         # Longest batches first: the run then ends on short batches, so concurrent model streams finish
         # together instead of one core idling while the other runs the longest file (measured: ~4%).
         batches = [[left[i] for i in batch] for batch in
-                   plan_batches([est[i] for i in left], plan.batch_frames, plan.batch_size, grid=embedder.grid)[::-1]]
+                   plan_batches([est[i] for i in left], plan.batch_frames, plan.batch_size, grid=embedder.grid,
+                                grid_steps=embedder.grid_steps)[::-1]]
+        workers, prefetch = in_flight(batches, est, plan, notes)
         loader = torch.utils.data.DataLoader(
-            WaveDataset(todo, sr, plan.channels, journal), batch_sampler=batches, num_workers=plan.num_workers,
+            WaveDataset(todo, sr, plan.channels, journal), batch_sampler=batches, num_workers=workers,
             collate_fn=collate, pin_memory=plan.pin_memory,
-            prefetch_factor=4 if plan.num_workers > 0 else None)
+            prefetch_factor=prefetch if workers > 0 else None)
         try:
             streams = ModelStreams(embedder, plan.streams, plan.threads, plan.batch_frames)
             for batch, results in streams.map(loader):
@@ -112,6 +133,8 @@ def embed_shard(todo, embedder: Embedder, store, plan: ShardPlan, journal=None, 
                                       {"seconds": round(seconds, 4)} if result.chunks == 1 else
                                       {"seconds": round(seconds, 4), "chunks": result.chunks})
                     store.maybe_flush(plan.flush_every, plan.flush_seconds)
+                if rate is not None:
+                    rate.batch_done(audio_seconds)
                 if progress is not None:
                     progress.update(len(batch.indices) + len(batch.bad))
                     progress.set_postfix_str(f"{audio_seconds / 3600:.2f} h audio", refresh=False)
@@ -155,17 +178,73 @@ def signals_held():
 def embed_batch(embedder: Embedder, waves: torch.Tensor, lengths: torch.Tensor) -> List[Result]:
     """embedder.embed, but an exception in the model fails only the utterance that causes it: the
     batch is retried one utterance at a time, and the shard goes on."""
+    return submit_batch(embedder, waves, lengths, queue=False)()
+
+
+def submit_batch(embedder: Embedder, waves: torch.Tensor, lengths: torch.Tensor,
+                 queue: bool = True) -> Callable[[], List[Result]]:
+    """``embed_batch`` in two steps: queue the batch on the device (``Embedder.submit``) and return a
+    function that waits for its results -- so the rank stores one batch while the GPU runs the next."""
     try:
-        return embedder.embed(waves, lengths)
+        if queue:
+            return embedder.submit(waves, lengths).results
+        results = embedder.embed(waves, lengths)
+        return lambda: results
     except Exception as exc:
         if dead_workers(exc) is not None:  # a decode worker died (raised from torch's SIGCHLD handler)
             raise
-        if len(lengths) == 1:
-            return [Result(error=("model", f"model error: {type(exc).__name__}: {exc}"))]
-        log.warning("a batch of %d failed in the model (%s: %s); retrying one by one",
-                    len(lengths), type(exc).__name__, exc)
-        return [embed_batch(embedder, waves[row:row + 1, :int(lengths[row])], lengths[row:row + 1])[0]
-                for row in range(len(lengths))]
+        reason = f"{type(exc).__name__}: {exc}"
+    # Retried after the handler: inside it, the exception's traceback would keep the failed batch's
+    # tensors alive while its utterances run again.
+    release_memory(getattr(embedder, "device", torch.device("cpu")))
+    if len(lengths) == 1:
+        failed = [Result(error=("model", f"model error: {reason}"))]
+        return lambda: failed
+    log.warning("a batch of %d failed in the model (%s); retrying one by one", len(lengths), reason)
+    results = [embed_batch(embedder, waves[row:row + 1, :int(lengths[row])], lengths[row:row + 1])[0]
+               for row in range(len(lengths))]
+    return lambda: results
+
+
+def in_flight(batches, est, plan: ShardPlan, notes: Optional[dict] = None):
+    """(decode workers, batches prefetched per worker) that /dev/shm and pinned memory can hold
+    (hostmem.plan_in_flight; HostMemoryError when a single batch does not fit this process's share)."""
+    largest = max((len(b) * max(est[i] for i in b) for b in batches if b), default=0) * 4  # float32 samples
+    workers, prefetch, note = plan_in_flight(largest, plan.num_workers, 4, plan.processes_on_host,
+                                             shm_free_bytes(), pinned=plan.pin_memory,
+                                             memory_limit=memory_limit_bytes() if plan.pin_memory else None)
+    if note:
+        log.warning("host memory: %s", note)
+        if notes is not None:
+            notes["in_flight"] = note
+    return workers, prefetch
+
+
+class SteadyRate:
+    """x real time after the first batch: start-up (imports, scan, model load, decode workers starting,
+    the first batch's cuDNN/oneDNN set-up) excluded -- what a long run sustains."""
+
+    def __init__(self):
+        self.first = None  # (time, audio seconds) when the first batch was stored
+        self.last = None
+
+    def batch_done(self, audio_seconds: float) -> None:
+        point = (time.time(), audio_seconds)
+        if self.first is None:
+            self.first = point
+        self.last = point
+
+    def summary(self, device: torch.device) -> dict:
+        out = {}
+        if self.first is not None and self.last[0] > self.first[0]:
+            seconds, audio = self.last[0] - self.first[0], self.last[1] - self.first[1]
+            out.update({"steady_start_unix": round(self.first[0], 3), "steady_end_unix": round(self.last[0], 3),
+                        "steady_s": round(seconds, 3), "steady_audio_s": round(audio, 2),
+                        "steady_x_real_time": round(audio / seconds, 1)})
+        if device.type == "cuda":
+            out["gpu_max_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20)
+            out["gpu_max_reserved_mib"] = round(torch.cuda.max_memory_reserved(device) / 2 ** 20)
+        return out
 
 
 def failure_record(utt, stage: str, reason: str) -> dict:

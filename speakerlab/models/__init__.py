@@ -52,9 +52,16 @@ def build_model(config: ModelConfig) -> torch.nn.Module:
         known = ", ".join(sorted(k for k in MODEL_CLASSES if "." in k))
         raise ModelLoadError(f"{config.source}: unknown model obj '{config.obj}' (known: {known})")
     try:
-        return factory()(**config.args)
-    except TypeError as exc:
+        with warnings.catch_warnings():  # torch's note on zero-size layers; refused just below
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            model = factory()(**config.args)
+    except (TypeError, ValueError) as exc:  # an unknown argument, or a value the class refuses
         raise ModelLoadError(f"{config.source}: bad args for {config.obj}: {exc}") from None
+    empty = next((name for name, p in model.named_parameters() if p.numel() == 0), None)
+    if empty is not None:  # e.g. m_channels * baseWidth < 64 leaves the Res2Net blocks 0 channels wide
+        raise ModelLoadError(f"{config.source}: args {config.args} give {config.obj} a layer without "
+                             f"channels ({empty}); use larger widths")
+    return model
 
 
 def _torch_reason(exc: BaseException) -> str:

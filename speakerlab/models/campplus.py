@@ -418,10 +418,11 @@ class CAMPPlus(nn.Module):
         """``lengths`` as long on ``device``, or None when nothing is padded (skips all mask work)."""
         if lengths is None:
             return None
-        lengths = lengths.to(device=device, dtype=torch.long)
+        # Checked where the lengths are (the host, from the pipeline), before they move: on a
+        # GPU, reading a device tensor back would stall the queue of work at every batch.
         if not torch.jit.is_tracing() and bool((lengths == t).all()):
             return None
-        return lengths
+        return lengths.to(device=device, dtype=torch.long, non_blocking=True)
 
     def forward_stem(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, T, F) fbank -> the first conv's map (B, C, F, T). The split lets an exported body

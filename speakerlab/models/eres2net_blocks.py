@@ -334,7 +334,7 @@ class ERes2NetTrunk(nn.Module):
         # Check on the lengths' own device (usually CPU: no GPU sync) before moving them.
         if not torch.jit.is_tracing() and bool((lengths >= num_frames).all()):
             return [None] * len(STAGE_STRIDES)
-        lengths = lengths.to(device=device, dtype=torch.long).clamp(max=num_frames)
+        lengths = lengths.to(device=device, dtype=torch.long, non_blocking=True).clamp(max=num_frames)
         masks = []
         total = num_frames
         for stride in STAGE_STRIDES:

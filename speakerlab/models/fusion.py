@@ -10,7 +10,8 @@ were 60% of the model under bf16). ``conv_bn`` is the one place the models call 
   (``w * s``, ``(b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``, computed in
   float64) and runs conv + bias + activation (+ residual add) as a single oneDNN primitive on CPU
   (``torch.ops.mkldnn._convolution_pointwise``), or as one conv with the folded bias followed by
-  the activation elsewhere (CUDA, or a torch build without oneDNN).
+  the activation elsewhere (CUDA, or a torch build without oneDNN); under bf16/fp16 the folded bias
+  stays fp32 on every path.
 
 The folded weights are cached on the conv module per (device, dtype); they are not parameters,
 so ``state_dict()`` is unchanged, and a later ``load_state_dict`` is noticed (the cache is keyed
@@ -24,6 +25,8 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from speakerlab.devices import autocast_enabled, autocast_off
 
 _FLAG = "_speakerlab_fuse"
 _CACHE = "_speakerlab_folded"
@@ -110,7 +113,7 @@ def conv_bn(conv: nn.Module, bn: Optional[nn.Module], x: torch.Tensor, act: Opti
 
 def _compute_dtype(conv: nn.Module, x: torch.Tensor) -> torch.dtype:
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type) and not getattr(conv, _KEEP_FP32, False):
+    if autocast_enabled(device_type) and not getattr(conv, _KEEP_FP32, False):
         return torch.get_autocast_dtype(device_type)
     return torch.float32 if getattr(conv, _KEEP_FP32, False) else x.dtype
 
@@ -168,17 +171,18 @@ def _folded(conv: nn.Module, bn: Optional[nn.Module], device: torch.device, dtyp
 
 def _fused(conv, bn, x, act, residual):
     dtype = _compute_dtype(conv, x)
-    out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else dtype
+    out_dtype = torch.get_autocast_dtype(x.device.type) if autocast_enabled(x.device.type) else dtype
     eager_act, attr, scalars = ACTIVATIONS[act]
     use_mkldnn = (x.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
                   and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
                   and mkldnn_available() and (dtype == torch.float32 or mkldnn_bf16_supported()))
     as_2d = isinstance(conv, nn.Conv1d) and x.dim() == 4
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    # oneDNN adds an fp32 bias to its fp32 accumulator: a folded BatchNorm shift keeps its precision
-    # (rounded to bf16 it can cancel against the conv output). Its binary (residual) op wants the
-    # input's dtype.
-    bias_dtype = torch.float32 if use_mkldnn else None
+    # The folded BatchNorm shift stays fp32 (rounded to bf16 it can cancel against the conv output):
+    # oneDNN adds it to its fp32 accumulator; elsewhere (CUDA) it is added to the conv's output in
+    # place, computed in fp32 and rounded once -- what torch's own conv does with a bias anyway (one
+    # add after cuDNN's conv), so it costs nothing. oneDNN's binary (residual) op wants the input's dtype.
+    bias_dtype = torch.float32 if use_mkldnn or dtype != torch.float32 else None
     weight, bias = _folded(conv, bn, x.device, dtype, channels_last and use_mkldnn, as_2d, bias_dtype)
     x = x.to(dtype)
     padding, stride, dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
@@ -200,8 +204,12 @@ def _fused(conv, bn, x, act, residual):
             y = eager_act(y.add_(residual.to(dtype)))
         return y.to(out_dtype)
     conv_fn: Callable = F.conv2d if x.dim() == 4 else F.conv1d
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        y = conv_fn(x, weight, bias, stride, padding, dilation, conv.groups)
+    with autocast_off(x.device.type):
+        if bias.dtype == dtype:
+            y = conv_fn(x, weight, bias, stride, padding, dilation, conv.groups)
+        else:  # an fp32 bias under bf16/fp16: added in fp32, rounded once
+            y = conv_fn(x, weight, None, stride, padding, dilation, conv.groups)
+            y.add_(bias.view(-1, *([1] * (y.dim() - 2))))
         if residual is not None:
             y = y + residual.to(dtype)
         y = eager_act(y)
