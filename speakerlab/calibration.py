@@ -4,11 +4,11 @@ Which is faster depends on the machine, not on what its flags promise: on a Xeon
 but no AMX, bf16 ran CAM++ 1.3x *slower* than fp32 (issue 14), while on an AMD EPYC (Zen 4) with the
 same flags bf16 was 1.5x faster; OpenVINO beat torch on both. So the candidates this machine offers
 (torch fp32, torch bf16 where oneDNN has native bf16, OpenVINO fp32 / bf16 when installed) each run
-the real model on a 2 s speech-like input, interleaved so a burst of other load hits all alike, and
+the real model on a 1 s speech-like input, interleaved so a burst of other load hits all alike, and
 the fastest wins. A candidate whose embedding is not within cosine 0.999 of torch fp32 on that input
 is never chosen. The choice is cached per machine (CPU model and flags), model (its weights' digest),
-and library versions in ``$SPEAKERLAB_CACHE/calibration/``; measuring takes about a second
-the first time, nothing afterwards. Explicit ``--dtype`` / ``--backend`` values are never overridden.
+and library versions in ``$SPEAKERLAB_CACHE/calibration/``; measuring takes well under a second on a
+quiet machine (ERes2NetV2 about 0.7 s) the first time, nothing afterwards. Explicit ``--dtype`` / ``--backend`` values are never overridden.
 """
 import hashlib
 import json
@@ -25,11 +25,11 @@ import torch
 
 log = logging.getLogger("speakerlab")
 
-PROBE_SECONDS = 2.0
+PROBE_SECONDS = 1.0
 MIN_COSINE = 0.999
 ROUNDS = 3
-BUDGET_S = 1.0  # stop after 2 rounds when one round costs more than this
-CALIBRATION_VERSION = 1
+BUDGET_S = 0.25  # stop after 2 rounds when one round costs more than this
+CALIBRATION_VERSION = 2
 
 
 def cpu_identity() -> Dict[str, str]:
@@ -184,6 +184,8 @@ def choose_engine(embedder, dtype: str, backend: str, streams: int = 1) -> dict:
         except BackendError:
             cached = None
         else:
+            log.info("auto: %s/%s, fastest here when measured on %s (%s)", chosen[0], chosen[1],
+                     cached.get("measured", "?"), cache)
             return {**cached, "why": f"fastest when measured on {cached.get('measured', '?')} (read from {cache})",
                     **record}
     started = time.perf_counter()
