@@ -12,7 +12,14 @@ weights), measures on the same files:
                     load, decode workers, batched fbank + model, results written), wall clock;
   (c) ceiling    -- the model alone, same dtype and memory format as (b): on CPU on fixed 6 s
                     inputs at its best batch size; on CUDA on the very batch shapes (b) makes of
-                    this corpus (same plan, padding and grid; see same_shapes_ceiling).
+                    this corpus (same plan, padding and grid; see same_shapes_ceiling);
+  (d) peers      -- CPU: the model alone on one 6 s input, batch 1, all cores, interleaved: the fp32
+                    reference code, ONNX Runtime fp32 and OpenVINO fp32 / bf16 on an export of the same
+                    weights (whatever of them is installed: pip install -c constraints.txt onnxruntime
+                    onnx ".[openvino]"), and ours as ``auto`` chose (``--skip_peers`` leaves it out).
+
+Before (b), ``auto``'s first-run work (OpenVINO export, calibration) is done once and timed apart, so
+(b) runs with it cached. The CPU's key flags, AMX or not, and what ``auto`` chose are printed.
 
 (b) also reports its steady state (from the rank's metadata ``timing``: audio embedded after the
 first batch over the time since, so start-up is excluded); on a GPU that, not the whole process,
