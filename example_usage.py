@@ -205,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", help="trials file (enroll test target|nontarget) for the score plots")
     p.add_argument("--method", choices=["auto", "pca", "tsne"], default="auto", help="2-D projection")
     p.add_argument("--no_report", action="store_true", help="skip the text report")
+    p.add_argument("--allow_pickle", action="store_true",
+                   help="read a dir that holds only pickles (unpickling runs code: only dirs you trust)")
     return p
 
 
@@ -212,7 +214,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     final_dir = Path(args.final_dir)
     try:
-        emb = speakerlab.load_embeddings(final_dir)
+        emb = speakerlab.load_embeddings(final_dir, allow_pickle=args.allow_pickle)
         if not len(emb):
             raise ValueError(f"{final_dir} holds no utterance embeddings")
         if args.k < 1:

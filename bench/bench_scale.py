@@ -6,8 +6,8 @@
    ``scan_tree`` -> ``read_headers`` (``--header_threads``) -> ``save_scan``, and ``load_scan``
    (what a resumed run or the merge does), with the process's peak memory.
 2. merge: writes ``--utterances`` synthetic utterance embeddings (192-d float32) as ``--ranks``
-   complete rank dirs in the format ``speakerlab/store.py`` writes (``rank_XX/embeddings.npz`` +
-   ``metadata.json``, ``scan.json`` beside them), then runs ``merge_embeddings.py`` as a whole
+   complete rank dirs as ``speakerlab/rundir.py`` writes them (each rank's embeddings, pickles and
+   metadata, the scan beside them), then runs ``merge_embeddings.py`` as a whole
    process (default formats pkl,npz) and reports its wall time and peak memory.
 
 Smaller runs are extrapolated linearly to one million files (all steps are O(n) or O(n log n)).
@@ -92,9 +92,9 @@ def phase_scan(args) -> dict:
 
 
 def write_ranks(out: Path, utterances: int, ranks: int, dim: int = 192, per_speaker: int = 40) -> float:
-    """Synthetic complete extraction output dir, as store.RankStore.finalize leaves it."""
+    """Synthetic complete extraction output dir, as RankStore.finalize leaves it."""
     from speakerlab import data as data_mod
-    from speakerlab.store import atomic_write_json, atomic_write_npz
+    from speakerlab.rundir import RunDir, scan_fingerprint
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     utts = []
@@ -106,23 +106,25 @@ def write_ranks(out: Path, utterances: int, ranks: int, dim: int = 192, per_spea
             path=f"/data/corpus/{dataset}/{speaker}/{utt}.wav", rel_path=f"{dataset}/{speaker}/{utt}.wav",
             sample_rate=16000, num_samples=16000 * (2 + i % 15), channels=1))
     utts.sort(key=lambda u: u.key)
-    data_mod.save_scan(data_mod.ScanResult("/data/corpus", utts), out / "scan.json")
+    scan = data_mod.ScanResult("/data/corpus", utts, source={"type": "tree", "path": "/data/corpus"})
+    run_dir = RunDir(out)
+    run_dir.save_scan(scan)
     shard_of = [[] for _ in range(ranks)]
     for i, utt in enumerate(utts):  # duration-balanced in a real run; round robin is as good here
         shard_of[i % ranks].append(utt)
     rng = np.random.default_rng(0)
     fingerprint = {"model_sha256": "0" * 64, "model_config": {"obj": "CAMPPlus"}, "features": {"type": "kaldi_fbank"},
-                   "dtype": "bf16", "channels": "first", "max_chunk_s": 300.0, "data_root": "/data/corpus",
-                   "world_size": ranks, "num_utterances": utterances, "keys_sha1": "synthetic"}
+                   "dtype": "bf16", "channels": "first", "max_chunk_s": 300.0, "fused": True,
+                   **scan_fingerprint(scan), "world_size": ranks}
     for rank, shard in enumerate(shard_of):
-        rank_dir = out / f"rank_{rank:02d}"
-        rank_dir.mkdir(exist_ok=True)
-        matrix = rng.standard_normal((len(shard), dim), dtype=np.float32)
-        extra = {u.key: {"seconds": u.duration} for u in shard}
-        atomic_write_npz(rank_dir / "embeddings.npz", keys=np.array([u.key for u in shard], dtype=str),
-                         embeddings=matrix, failures=np.array("[]"), extra=np.array(json.dumps(extra)))
-        atomic_write_json(rank_dir / "metadata.json", {
+        store = run_dir.store(rank)
+        store.dir.mkdir(exist_ok=True)
+        store.keys = [u.key for u in shard]
+        store.embeddings = list(rng.standard_normal((len(shard), dim), dtype=np.float32))
+        store.extra = {u.key: {"seconds": u.duration} for u in shard}
+        store.finalize({u.key: u for u in shard}, {
             "rank": rank, "world_size": ranks, "complete": True, "fingerprint": dict(fingerprint, rank=rank),
+            "run_id": "synthetic",
             "model": {"name": "synthetic", "checkpoint": "none", "sha256": "0" * 64, "config": {}},
             "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T01:00:00+00:00",
             "command": ["synthetic"], "device": "cpu", "dtype": "bf16", "versions": {},
@@ -204,7 +206,8 @@ def main(argv=None) -> int:
                   flush=True)
             wall, rss, _, _ = run_measured([sys.executable, ROOT / "merge_embeddings.py", "--input_dir", ranks_dir,
                                             "--output_dir", work / "final", "--formats", args.formats])
-            summary = json.loads((work / "final" / "summary.json").read_text())
+            from speakerlab.finaldir import FinalDir
+            summary = FinalDir.open(work / "final").summary()
             assert summary["total_utterances"] == utterances, summary["total_utterances"]
             sizes = {f.name: round(f.stat().st_size / 2 ** 20, 1) for f in (work / "final").iterdir() if f.is_file()}
             report["merge"] = {"utterances": utterances, "ranks": args.ranks, "formats": args.formats,

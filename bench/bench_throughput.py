@@ -544,7 +544,8 @@ def bench_model(name: str, args, workdir: Path) -> dict:
     for key, extra_args in variants:
         out_dir = workdir / f"pipeline_{name}_{key}"
         best = min(runs[key], key=lambda r: r["wall"])
-        meta = json.loads((out_dir / "rank_00" / "metadata.json").read_text())
+        from speakerlab.rundir import RunDir
+        meta = RunDir(out_dir).read_metadata(0)
         entry = {"x_real_time": info["audio_s"] / best["wall"], "process_wall_s": best["wall"],
                  "all_runs_wall_s": [round(r["wall"], 2) for r in runs[key]],
                  "peak_rss_mib": max(r["rss"] for r in runs[key]), "process_cpu_s": best["cpu_s"],
@@ -553,7 +554,7 @@ def bench_model(name: str, args, workdir: Path) -> dict:
                  "dtype": meta["dtype"], "batch_policy": meta.get("batch_policy"), "engine": meta.get("engine"),
                  "command": " ".join(shlex.quote(str(c)) for c in best["cmd"]),
                  "log": [l for l in best["stderr"].splitlines() if "INFO" in l or "WARN" in l][-6:]}
-        entry.update(cosines(ref_out, out_dir / "rank_00" / "embeddings.npz"))
+        entry.update(cosines(ref_out, RunDir(out_dir).rank_embeddings_path(0)))
         timing = meta.get("timing") or {}
         entry["steady_x_real_time"] = timing.get("steady_x_real_time")  # start-up and first batch excluded
         entry["timing"] = timing

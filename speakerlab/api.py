@@ -13,9 +13,7 @@
 Files go through ``speakerlab.audio.load_audio`` and ``speakerlab.embedder.Embedder`` exactly as in the
 pipeline, with the same default precision, so ``model.embed(path)`` reproduces the pipeline's embedding.
 """
-import json
 import os
-import pickle
 from collections import namedtuple
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -449,7 +447,7 @@ class EmbeddingSet:
         info = self.summary.get("model") or {}
         checkpoint = info.get("checkpoint")
         if not checkpoint or not info.get("config"):
-            raise ValueError("summary.json names no model; use speakerlab.load_model(...) and embed yourself")
+            raise ValueError("the final dir's summary names no model; use speakerlab.load_model(...) and embed yourself")
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"the model of this set, {checkpoint}, is not there any more")
         if info.get("sha256") and sha256_of(checkpoint) != info["sha256"]:
@@ -457,7 +455,7 @@ class EmbeddingSet:
         raw = info["config"]
         config = ModelConfig(obj=raw["obj"], args=dict(raw.get("args") or {}),
                              sample_rate=int(raw.get("sample_rate", 16000)),
-                             fbank_dim=int(raw.get("fbank_dim", 80)), source="summary.json")
+                             fbank_dim=int(raw.get("fbank_dim", 80)), source=f"{self.directory} (summary)")
         model = SpeakerModel(build_and_load(config, checkpoint), config, _pick_device(device),
                              dtype=dtype or self.summary.get("dtype", "auto"),
                              channels=self.summary.get("channels", "first"),
@@ -476,57 +474,37 @@ def _top(keys: Sequence[str], scores: np.ndarray, keep: np.ndarray, k: int) -> L
     return [Match(keys[i], float(scores[i])) for i in chosen]
 
 
-def _read_npz(path: Path):
-    with np.load(path, allow_pickle=False) as data:
-        return [str(k) for k in data["keys"]], np.asarray(data["embeddings"], dtype=np.float32)
+def load_embeddings(final_dir, allow_pickle: bool = False) -> EmbeddingSet:
+    """Load a ``merge_embeddings.py`` output dir, checked against its completeness record.
 
-
-def _read_pickle(path: Path):
-    with open(path, "rb") as handle:
-        entries = pickle.load(handle)
-    keys = sorted(entries)
-    dim = len(entries[keys[0]]["embedding"]) if keys else 0
-    matrix = (np.stack([np.asarray(entries[k]["embedding"], dtype=np.float32) for k in keys])
-              if keys else np.zeros((0, dim), np.float32))
-    return keys, matrix, entries
-
-
-def load_embeddings(final_dir) -> EmbeddingSet:
-    """Load a ``merge_embeddings.py`` output dir; uses the pickle-free npz files when present."""
+    Reads the pickle-free npz files; a dir that holds only pickles is read only with
+    ``allow_pickle=True`` (unpickling can run code: only dirs you trust). Raises ``FileNotFoundError``
+    for a missing dir and ``speakerlab.finaldir.FinalDirError`` (a ValueError) for an incomplete or
+    altered one.
+    """
+    from speakerlab.finaldir import FinalDir
     final_dir = Path(final_dir)
     if not final_dir.is_dir():
         raise FileNotFoundError(f"{final_dir} is not a directory")
-
-    def read_list(name):
-        path = final_dir / name
-        if not path.is_file():
-            return None
-        with open(path, encoding="utf-8") as handle:
-            return {r["key"]: r for r in json.load(handle)}
-
-    summary_path = final_dir / "summary.json"
-    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
-    utt_list, spk_list = read_list("utterance_list.json"), read_list("speaker_list.json")
+    final = FinalDir.open(final_dir)
+    summary = final.summary()
+    utt_list = {r["key"]: r for r in final.utterance_list()}
+    spk_list = {r["key"]: r for r in final.speaker_list()}
     loaded = []
-    for stem, listing in (("utterance_embeddings", utt_list), ("speaker_embeddings", spk_list)):
-        npz, pkl = final_dir / f"{stem}.npz", final_dir / f"{stem}.pkl"
-        if npz.is_file() and listing is not None:
-            keys, matrix = _read_npz(npz)
+    for level, listing in (("utterance", utt_list), ("speaker", spk_list)):
+        keys, matrix, entries = final.embeddings(level, allow_pickle)
+        if entries is None:
             missing = [k for k in keys if k not in listing]
             if missing:
-                raise ValueError(f"{npz} has keys missing from its JSON list, e.g. {missing[0]}")
-            records = [listing[k] for k in keys]
-        elif pkl.is_file():
-            keys, matrix, entries = _read_pickle(pkl)
+                raise ValueError(f"{final_dir}: the {level} npz has keys missing from its JSON list, e.g. {missing[0]}")
+            records = [dict(listing[k]) for k in keys]
+        else:
             records = []
             for key in keys:
                 record = {f: v for f, v in entries[key].items() if f != "embedding"}
-                if listing is not None and key in listing:
+                if key in listing:
                     record = dict(listing[key], **record)
                 records.append(record)
-        else:
-            hint = " (merge did not finish?)" if not summary else ""
-            raise FileNotFoundError(f"{final_dir} holds neither {npz.name} nor {pkl.name}{hint}")
         loaded.append((keys, matrix, records))
     (keys, matrix, records), (spk_keys, spk_matrix, spk_records) = loaded
     for record in records:

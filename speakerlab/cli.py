@@ -3,6 +3,8 @@ import logging
 import os
 import sys
 
+from speakerlab.progname import prog  # noqa: F401  (kept importable from here)
+
 
 def extract() -> None:
     """Stage 1 worker: ``speakerlab-extract ...``, ``python extract_speaker_embeddings.py ...`` or under torchrun."""
@@ -20,12 +22,3 @@ def merge() -> None:
     """Stage 2: ``speakerlab-merge --input_dir OUTPUT_DIR --output_dir FINAL_DIR``."""
     from speakerlab.merge import main
     sys.exit(main())
-
-
-def prog(module: str) -> str:
-    """The name a usage line shows: ``python -m speakerlab.score`` when run as a module (argv[0] is then
-    the .py file), the console script's name (``speakerlab-score``) when run as one."""
-    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    if not name or name.endswith(".py") or name in ("-c", "-m"):
-        return f"python -m {module}"
-    return name

@@ -134,8 +134,8 @@ def run_torchrun(torchrun_args: List[str]) -> int:
 
 
 def summary_line(final_dir: Path, wall_s: Optional[float]) -> str:
-    import json
-    summary = json.loads((final_dir / "summary.json").read_text(encoding="utf-8"))
+    from speakerlab.finaldir import FinalDir
+    summary = FinalDir.open(final_dir).summary()  # checked against its completeness record
     hours = summary["total_duration_s"] / 3600
     parts = [f"{summary['total_utterances']} utterances embedded, {summary['failures']} failed"]
     if summary.get("scan_errors"):

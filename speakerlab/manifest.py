@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from speakerlab.cli import prog
+from speakerlab.progname import prog
 from speakerlab.data import AUDIO_EXTENSIONS, DataError, ScanResult, Utterance, assign_keys, scan_tree
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}

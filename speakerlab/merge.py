@@ -16,8 +16,9 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from speakerlab import data as data_mod
+from speakerlab import finaldir
 from speakerlab import stats as stats_mod
-from speakerlab.store import read_embeddings_npz, read_extra, read_json
+from speakerlab.rundir import METADATA, RunDir, RunDirError, rank_dir_name, scan_fingerprint
 
 log = logging.getLogger("speakerlab")
 FORMATS = ("pkl", "npz", "kaldi")
@@ -46,46 +47,57 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --- reading the ranks ---------------------------------------------------------------------
-IDENTITY_FIELDS = ("model_sha256", "model_config", "features", "dtype", "channels", "max_chunk_s")
+IDENTITY_FIELDS = ("model_sha256", "model_config", "features", "dtype", "channels", "max_chunk_s", "fused")
+SCAN_FIELDS = ("data_root", "source", "num_utterances", "keys_sha1")
 
 
 def collect_run(input_dir: Path, allow_partial: bool):
     """Return (scan, [rank metadata], problems) for one extraction output dir."""
-    scan_file = input_dir / "scan.json"
-    if not scan_file.is_file():
-        raise MergeError(f"{input_dir} has no scan.json: is it an extraction output dir?")
-    scan = data_mod.load_scan(scan_file)
+    run_dir = RunDir(input_dir)
+    if not run_dir.has_scan():
+        raise MergeError(f"{input_dir} has no {run_dir.scan_path.name}: is it an extraction output dir?")
+    scan = run_dir.load_scan()  # RunDirError (unreadable): an environment error, exit 1
+    beside = scan_fingerprint(scan)
     ranks: Dict[int, dict] = {}
     problems: List[str] = []
-    for rank_dir in sorted(input_dir.glob("rank_*")):
-        suffix = rank_dir.name[5:]
-        if not (rank_dir.is_dir() and suffix.isdigit()):
+    for rank in run_dir.ranks():
+        name = rank_dir_name(rank)
+        meta = run_dir.read_metadata(rank)
+        if meta is None:
+            problems.append(f"{name}: no readable {METADATA}")
             continue
-        try:
-            meta = read_json(rank_dir / "metadata.json")
-        except (OSError, ValueError):
-            problems.append(f"{rank_dir.name}: no readable metadata.json")
+        if not meta.get("complete"):
+            problems.append(f"{name}: incomplete (extraction not finished)")
             continue
-        if not meta.get("complete") or not (rank_dir / "embeddings.npz").is_file():
-            problems.append(f"{rank_dir.name}: incomplete (extraction not finished)")
+        theirs = meta.get("fingerprint") or {}
+        differ = [k for k in SCAN_FIELDS if theirs.get(k) != beside[k]]
+        if differ:  # another run wrote this dir's scan or this rank: never mix them
+            raise MergeError(f"{input_dir}: {name} was made from another scan than the {run_dir.scan_path.name} beside it "
+                             f"({', '.join(differ)} differ; two runs wrote into this dir?); rerun the extraction "
+                             "with --overwrite, or use a fresh --output_dir")
+        broken = run_dir.check_rank_outputs(rank, meta)
+        if broken:
+            problems.append(f"{name} is marked complete but {broken}: rerun the extraction with the same "
+                            "arguments to redo it")
             continue
-        ranks[int(suffix)] = meta
+        ranks[rank] = meta
     if not ranks:
         raise MergeError(f"{input_dir}: no complete rank results" + (f" ({'; '.join(problems)})" if problems else ""))
     worlds = {m["world_size"] for m in ranks.values()}
     if len(worlds) > 1:
         raise MergeError(f"{input_dir}: ranks come from different world sizes {sorted(worlds)}")
     world = worlds.pop()
-    missing = [r for r in range(world) if r not in ranks and not any(p.startswith(f"rank_{r:02d}") for p in problems)]
-    problems += [f"rank_{r:02d}: missing" for r in missing]
+    missing = [r for r in range(world)
+               if r not in ranks and not any(p.startswith(rank_dir_name(r)) for p in problems)]
+    problems += [f"{rank_dir_name(r)}: missing" for r in missing]
     reference = ranks[min(ranks)]["fingerprint"]
     for rank, meta in sorted(ranks.items()):
         theirs = {k: v for k, v in meta["fingerprint"].items() if k != "rank"}
         ours = {k: v for k, v in reference.items() if k != "rank"}
         if theirs != ours:
             diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-            raise MergeError(f"{input_dir}: rank_{rank:02d} was made differently from rank_{min(ranks):02d} "
-                             f"({', '.join(diff)} differ)")
+            raise MergeError(f"{input_dir}: {rank_dir_name(rank)} was made differently from "
+                             f"{rank_dir_name(min(ranks))} ({', '.join(diff)} differ)")
     if problems and not allow_partial:
         raise MergeError(f"{input_dir}: cannot merge: " + "; ".join(problems) +
                          " (finish those ranks, or pass --allow_partial)")
@@ -150,9 +162,8 @@ def merge(input_dirs: List[Path], output_dir: Path, formats: List[str], speaker_
                 raise MergeError(f"key {utt.key} appears in two runs: {utterances[utt.key].path} and {utt.path}")
             utterances[utt.key] = utt
         for meta in metas:
-            rank_dir = Path(directory) / f"rank_{meta['rank']:02d}"
-            rank_keys, matrix, rank_failures = read_embeddings_npz(rank_dir / "embeddings.npz")
-            extra.update(read_extra(rank_dir / "embeddings.npz"))
+            rank_keys, matrix, rank_failures, rank_extra = RunDir(directory).read_rank_results(meta["rank"])
+            extra.update(rank_extra)
             keys += rank_keys
             blocks.append(matrix)
             failures += rank_failures
@@ -259,10 +270,12 @@ def merge(input_dirs: List[Path], output_dir: Path, formats: List[str], speaker_
         raise MergeError(f"accounting error: {len(utterances)} inputs but {len(keys)} embedded + "
                          f"{len(failures)} failed")
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    from speakerlab import formats as formats_mod
-    formats_mod.write_all(output_dir, formats, keys, matrix, utt_list, speaker_keys, speaker_matrix, spk_list,
-                          failures + scan_errors, summary)
+    merged_from = [{"input_dir": str(Path(d).absolute()), "run_ids": sorted({m.get("run_id") or "" for m in metas})}
+                   for d, (_, metas, _) in zip(input_dirs, runs)]
+    for run, merged in zip(summary["runs"], merged_from):
+        run["run_ids"] = merged["run_ids"]
+    finaldir.write(output_dir, formats, keys, matrix, utt_list, speaker_keys, speaker_matrix, spk_list,
+                   failures + scan_errors, summary, merged_from)
     return summary
 
 
@@ -280,21 +293,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "pkl" not in formats:
         formats.insert(0, "pkl")  # the seed's files are always written
     try:
+        finaldir.check_replaceable(Path(args.output_dir))  # before the work, not after it
         summary = merge([Path(d) for d in args.input_dir], Path(args.output_dir), formats, args.speaker_mean,
                         args.duration_weighted, args.allow_partial, args.closest_pairs)
-    except MergeError as exc:
+    except (MergeError, finaldir.FinalDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunDirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # disk full, read-only: the path and the cause, nothing half-written left
+        where = f"cannot write {exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     log.info("merged %d utterances of %d speakers (%d failed) into %s", summary["total_utterances"],
              summary["total_speakers"], summary["failures"], args.output_dir)
     if summary["failures"]:
         log.warning("%d input files were not embedded: see %s", summary["failures"],
-                    Path(args.output_dir) / "failures.json")
+                    Path(args.output_dir) / finaldir.FAILURES)
     if summary["scan_errors"]:
         log.warning("%d paths were not used by the scan (unreadable directories, names that are not UTF-8, "
                     "two files that map to one key): see %s", summary["scan_errors"],
-                    Path(args.output_dir) / "failures.json")
+                    Path(args.output_dir) / finaldir.FAILURES)
     if summary["key_renames"]:
         log.warning("%d keys were renamed because different names join into one key: see key_renames in %s",
-                    len(summary["key_renames"]), Path(args.output_dir) / "summary.json")
+                    len(summary["key_renames"]), Path(args.output_dir) / finaldir.SUMMARY)
     return 0

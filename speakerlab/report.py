@@ -2,30 +2,32 @@
 
     python -m speakerlab.report FINAL_DIR [--top N]
 
-Reads only ``summary.json`` and ``speaker_list.json``: counts and durations, how the numbers were
+Reads only the summary and the speaker list (through ``speakerlab.finaldir``, which checks the dir's
+completeness record first): counts and durations, how the numbers were
 made, a per-dataset table, the noisiest speakers with their outliers and the closest speaker
 pairs. ``render(final_dir)`` returns the same text for use from Python.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from speakerlab.cli import prog
+from speakerlab.progname import prog
+from speakerlab.finaldir import FAILURES, SPEAKER_LIST
 
 
 class ReportError(Exception):
     pass
 
 
-def _load(path: Path):
+def _load(final_dir: Path):
+    """(summary, speaker list) of a verified final dir."""
+    from speakerlab.finaldir import FinalDir, FinalDirError
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ReportError(f"{path} not found: is {path.parent} a merged (final) output dir?") from None
-    except (OSError, ValueError) as exc:
-        raise ReportError(f"{path} is not readable JSON ({exc})") from None
+        final = FinalDir.open(final_dir)
+        return final.summary(), final.speaker_list()
+    except FinalDirError as exc:
+        raise ReportError(str(exc)) from None
 
 
 def _table(header: Sequence[str], rows: List[Sequence], right: Sequence[bool]) -> List[str]:
@@ -49,8 +51,7 @@ def _fmt(value, digits: int = 3) -> str:
 
 def render(final_dir, top: int = 10) -> str:
     final_dir = Path(final_dir)
-    summary = _load(final_dir / "summary.json")
-    speakers = _load(final_dir / "speaker_list.json")
+    summary, speakers = _load(final_dir)
     out: List[str] = [f"Speaker embeddings in {final_dir}"]
 
     model = summary.get("model") or {}
@@ -72,7 +73,7 @@ def render(final_dir, top: int = 10) -> str:
     out.append(f"{summary.get('total_utterances', 0)} utterances, {summary.get('total_speakers', 0)} speakers, "
                f"{_hms(summary.get('total_duration_s', 0.0))} of audio, {summary.get('failures', 0)} failed, "
                f"{ignored} ignored, {summary.get('embedding_dimension', '?')}-d embeddings"
-               + (f"; {summary['scan_errors']} path(s) could not be scanned (see failures.json)"
+               + (f"; {summary['scan_errors']} path(s) could not be scanned (see {FAILURES})"
                   if summary.get("scan_errors") else ""))
 
     datasets = summary.get("datasets") or {}
@@ -113,7 +114,7 @@ def render(final_dir, top: int = 10) -> str:
             shown = ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
             out.append(f"  {s['key']} ({len(keys)} of {s['num_utterances']}): {shown}")
         if len(flagged) > top:
-            out.append(f"  ... {len(flagged) - top} more speakers: see speaker_list.json")
+            out.append(f"  ... {len(flagged) - top} more speakers: see {SPEAKER_LIST}")
 
     pairs = summary.get("closest_speaker_pairs") or []
     if pairs:

@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import os
-import pickle
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from speakerlab.cli import prog
+from speakerlab.progname import prog
+from speakerlab.finaldir import FinalDir, FinalDirError
 
 log = logging.getLogger("speakerlab")
 LABELS = {"target": 1, "nontarget": 0}
@@ -101,15 +101,19 @@ class EmbeddingTable:
     source: str = ""
 
     @classmethod
-    def from_dir(cls, final_dir, level: str = "utterance") -> "EmbeddingTable":
-        final_dir = Path(final_dir)
-        keys, matrix = load_embeddings(final_dir, level)
+    def from_dir(cls, final_dir, level: str = "utterance", allow_pickle: bool = False) -> "EmbeddingTable":
+        final = _open(final_dir)
+        keys, matrix = load_embeddings(final, level, allow_pickle)
         table = cls(keys, matrix, source=str(final_dir))
         if level == "utterance":
-            table.records = _read_json(final_dir / "utterance_list.json", [])
-            summary = _read_json(final_dir / "summary.json", {})
+            try:
+                table.records = final.utterance_list()
+                summary = final.summary()
+                failures = final.failures()
+            except FinalDirError as exc:
+                raise ScoreError(str(exc)) from None
             table.data_roots = [run.get("data_root") for run in summary.get("runs", []) if run.get("data_root")]
-            for failure in _read_json(final_dir / "failures.json", []):
+            for failure in failures:
                 why = f"failed at extraction ({failure.get('stage')}: {failure.get('reason')})"
                 for name in (failure.get("key"), failure.get("path")):
                     if name:
@@ -120,39 +124,24 @@ class EmbeddingTable:
         return Resolver(self)
 
 
-def _read_json(path: Path, default):
-    if not path.is_file():
-        return default
+def _open(final_dir) -> FinalDir:
+    if isinstance(final_dir, FinalDir):
+        return final_dir
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise ScoreError(f"{path}: unreadable ({exc})") from None
+        return FinalDir.open(final_dir)
+    except FinalDirError as exc:
+        raise ScoreError(str(exc)) from None
 
 
-def load_embeddings(final_dir, level: str = "utterance") -> Tuple[List[str], np.ndarray]:
-    """(keys, float32 matrix) from ``<level>_embeddings.npz`` (no pickle), else the pickle."""
-    final_dir = Path(final_dir)
+def load_embeddings(final_dir, level: str = "utterance", allow_pickle: bool = False) -> Tuple[List[str], np.ndarray]:
+    """(keys, float32 matrix) of a final dir: its npz (no pickle), else its pickle if ``allow_pickle``."""
     if level not in ("utterance", "speaker"):
         raise ValueError("level is 'utterance' or 'speaker'")
-    npz, pkl = final_dir / f"{level}_embeddings.npz", final_dir / f"{level}_embeddings.pkl"
-    if npz.is_file():
-        try:
-            with np.load(npz, allow_pickle=False) as data:
-                return [str(k) for k in data["keys"]], np.asarray(data["embeddings"], dtype=np.float32)
-        except (OSError, ValueError, KeyError) as exc:
-            raise ScoreError(f"{npz}: unreadable ({exc})") from None
-    if pkl.is_file():
-        try:
-            with open(pkl, "rb") as handle:
-                entries = pickle.load(handle)
-        except Exception as exc:
-            raise ScoreError(f"{pkl}: unreadable ({exc})") from None
-        keys = sorted(entries)
-        if not keys:
-            return [], np.zeros((0, 0), np.float32)
-        return keys, np.stack([np.asarray(entries[k]["embedding"], np.float32) for k in keys])
-    raise ScoreError(f"{final_dir} has neither {npz.name} nor {pkl.name}: is it a merged output dir?")
+    try:
+        keys, matrix, _ = _open(final_dir).embeddings(level, allow_pickle)
+    except FinalDirError as exc:
+        raise ScoreError(str(exc)) from None
+    return keys, matrix
 
 
 class Resolver:
@@ -291,13 +280,17 @@ def asnorm(raw: np.ndarray, enroll: np.ndarray, test: np.ndarray, unit: np.ndarr
 def score_trials(embeddings: Union[str, Path, EmbeddingTable], trials: Union[str, Path, Sequence],
                  mean_subtraction: bool = False, mean_from: Union[None, str, Path, EmbeddingTable] = None,
                  asnorm_cohort: Union[None, str, Path, EmbeddingTable] = None, asnorm_top_n: int = 300,
-                 cohort_level: str = "speaker") -> dict:
+                 cohort_level: str = "speaker", allow_pickle: bool = False) -> dict:
     """Score trials; returns the metrics (as in the JSON output), the unscored trials with reasons,
     ``scored_trials`` (the Trial of each scored one) and ``scores`` (a float array aligned with them).
 
     ``embeddings``: a merged output dir or an EmbeddingTable; ``trials``: a trials file, or a list of
-    ``Trial`` / ``(a, b, label)`` tuples (label 1, 0 or None)."""
-    table = embeddings if isinstance(embeddings, EmbeddingTable) else EmbeddingTable.from_dir(embeddings)
+    ``Trial`` / ``(a, b, label)`` tuples (label 1, 0 or None). Final dirs holding only pickles are read
+    with ``allow_pickle`` only (unpickling runs code)."""
+    def table_of(source, level="utterance"):
+        return source if isinstance(source, EmbeddingTable) else EmbeddingTable.from_dir(source, level, allow_pickle)
+
+    table = table_of(embeddings)
     if isinstance(trials, (str, Path)):
         trial_list, trials_name = read_trials(trials), str(trials)
     else:
@@ -320,7 +313,7 @@ def score_trials(embeddings: Union[str, Path, EmbeddingTable], trials: Union[str
     mean, mean_source = None, None
     if mean_subtraction or mean_from is not None:
         source = table if mean_from is None else (
-            mean_from if isinstance(mean_from, EmbeddingTable) else EmbeddingTable.from_dir(mean_from))
+            table_of(mean_from))
         if not len(source.keys):
             raise ScoreError(f"{source.source}: no embeddings to take a mean from")
         mean = source.matrix.astype(np.float64).mean(axis=0)
@@ -330,8 +323,7 @@ def score_trials(embeddings: Union[str, Path, EmbeddingTable], trials: Union[str
     normalization = {"mean_subtraction": mean is not None, "mean_from": mean_source, "asnorm": None}
     scores = raw
     if asnorm_cohort is not None and kept:
-        cohort = asnorm_cohort if isinstance(asnorm_cohort, EmbeddingTable) else \
-            EmbeddingTable.from_dir(asnorm_cohort, cohort_level)
+        cohort = table_of(asnorm_cohort, cohort_level)
         if cohort.matrix.shape[1:] != table.matrix.shape[1:]:
             raise ScoreError(f"cohort {cohort.source} has {cohort.matrix.shape[1]}-d embeddings, the trials' "
                              f"are {table.matrix.shape[1]}-d")
@@ -376,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cohort_level", choices=["speaker", "utterance"], default="speaker",
                    help="cohort entries: speaker embeddings (WeSpeaker's choice) or utterance embeddings")
     p.add_argument("--strict", action="store_true", help="exit 1 if any trial could not be scored")
+    p.add_argument("--allow_pickle", action="store_true",
+                   help="read dirs that hold only pickles (unpickling runs code: only dirs you trust)")
     return p
 
 
@@ -390,7 +384,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if value is not None and not Path(value).is_dir():
                 raise ScoreError(f"--{name} {value} is not a directory")
         result = score_trials(args.embeddings, args.trials, args.mean_subtraction, args.mean_from,
-                              args.asnorm_cohort, args.asnorm_top_n, args.cohort_level)
+                              args.asnorm_cohort, args.asnorm_top_n, args.cohort_level, args.allow_pickle)
     except ScoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,6 +1,5 @@
 """The Python API: model embeddings equal the pipeline's, EmbeddingSet lookups, rankings and subsets."""
 import pickle
-import shutil
 
 import numpy as np
 import pytest
@@ -58,7 +57,8 @@ def test_api_embedding_equals_pipeline(run, tiny):
     out, utts = run
     keys = sorted(utts)
     import json
-    engine = json.loads((out / "tmp" / "rank_00" / "metadata.json").read_text())["engine"]
+    from speakerlab.rundir import RunDir
+    engine = RunDir(out / "tmp").read_metadata(0)["engine"]
     assert (tiny.backend, tiny.dtype) == (engine["backend"], engine["dtype"])  # one policy, one choice
     batch = tiny.embed([utts[k]["path"] for k in keys])
     assert batch.shape == (len(keys), 192) and batch.dtype == np.float32
@@ -120,12 +120,13 @@ def test_load_embeddings_npz_and_pickle_agree(run, tmp_path):
     assert keys == emb.keys and matrix.shape == (6, 192)
     spk_keys, spk_matrix = emb.matrix("speaker", normalize=True)
     np.testing.assert_allclose(np.linalg.norm(spk_matrix, axis=1), 1.0, rtol=1e-5)
-    # without the npz files: the pickles give the same set
+    # merged without the npz files: the pickles give the same set, but only when allowed
     copy = tmp_path / "final"
-    shutil.copytree(out / "final", copy)
-    (copy / "utterance_embeddings.npz").unlink()
-    (copy / "speaker_embeddings.npz").unlink()
-    again = speakerlab.load_embeddings(copy)
+    r = run_cli(merge_cmd(out / "tmp", copy, "--formats", "pkl"))
+    assert r.returncode == 0, r.stderr
+    with pytest.raises(ValueError, match="only as a pickle .*allow_pickle=True"):
+        speakerlab.load_embeddings(copy)
+    again = speakerlab.load_embeddings(copy, allow_pickle=True)
     assert again.keys == emb.keys and again.speaker_keys == emb.speaker_keys
     np.testing.assert_array_equal(again.matrix()[1], matrix)
     assert again.utterances["dsB_spk3_x"]["speaker_key"] == "dsB_spk3"

@@ -1,6 +1,5 @@
 """speakerlab.driver: torchrun's own output kept aside, the worker's last line and exit status out."""
 import io
-import json
 
 from speakerlab.driver import StderrFilter, outcome, summary_line
 
@@ -79,8 +78,11 @@ def test_killed_worker_and_failed_launcher():
 
 
 def test_summary_line(tmp_path):
-    (tmp_path / "summary.json").write_text(json.dumps({"total_utterances": 1200, "failures": 3, "scan_errors": 1,
-                                                       "total_duration_s": 7200.0}))
+    import numpy as np
+    from speakerlab import finaldir
+    empty = np.zeros((0, 4), np.float32)  # a final dir (read through its record) whose summary says:
+    finaldir.write(tmp_path, ["pkl"], [], empty, [], [], empty, [], [],
+                   {"total_utterances": 1200, "failures": 3, "scan_errors": 1, "total_duration_s": 7200.0})
     assert summary_line(tmp_path, 60.0) == (
         f"== done: 1200 utterances embedded, 3 failed, 1 unreadable at the scan, 2.00 h of audio, "
         f"60 s wall time (120x real time); final files in {tmp_path}")

@@ -113,4 +113,4 @@ def test_wheel_works_outside_the_checkout(tmp_path):
         assert r.returncode == 0 and r.stdout.startswith(f"usage: python -m speakerlab.{module}"), r.stderr
     r = subprocess.run([str(target / "bin" / "speakerlab-report"), str(elsewhere)], capture_output=True,
                        text=True, cwd=elsewhere, env=env)
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and "summary.json" in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "complete.json is missing" in r.stderr

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import speakerlab
-from speakerlab import formats
+from speakerlab import finaldir
 from tests.helpers import ROOT, run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -45,8 +45,8 @@ def write_final(out, datasets=("dsA", "dsB"), speakers=3, per_speaker=(6, 14), d
     matrix = np.array(rows, np.float32)[order]
     summary = {"total_utterances": len(keys), "total_speakers": len(spk_keys), "model": {"name": "synthetic"}}
     out.mkdir(parents=True, exist_ok=True)
-    formats.write_all(out, ["pkl", "npz"], keys, matrix, utt_list, spk_keys, np.array(spk_rows, np.float32),
-                      spk_list, list(failures), summary)
+    finaldir.write(out, ["pkl", "npz"], keys, matrix, utt_list, spk_keys, np.array(spk_rows, np.float32),
+                   spk_list, list(failures), summary)
     return out
 
 

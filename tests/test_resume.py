@@ -188,7 +188,7 @@ def test_world_size_change_and_partial_merge(setup, tmp_path, capsys, monkeypatc
 
 def test_parts_are_atomic_and_temp_files_ignored(tmp_path):
     """A leftover temp file of a flush cut short is never read; parts load back in order."""
-    from speakerlab.store import RankStore
+    from speakerlab.rundir import RankStore
     store = RankStore(tmp_path, 0)
     store.add("a", np.ones(4, np.float32))
     store.fail({"key": "b", "path": "/x/b.wav", "stage": "decode", "reason": "r"})
@@ -207,7 +207,7 @@ def test_parts_are_atomic_and_temp_files_ignored(tmp_path):
 
 
 def test_damaged_part_is_set_aside_and_redone(tmp_path, caplog):
-    from speakerlab.store import RankStore
+    from speakerlab.rundir import RankStore
     store = RankStore(tmp_path, 0)
     store.add("a", np.ones(4, np.float32))
     store.flush()

@@ -8,7 +8,7 @@ from scipy.interpolate import interp1d
 from scipy.optimize import brentq
 from sklearn.metrics import roc_curve
 
-from speakerlab import formats, score
+from speakerlab import finaldir, score
 from speakerlab.merge import speaker_means
 
 
@@ -82,8 +82,8 @@ def make_final(out, keys, matrix, records, failures=(), data_root="/data", write
                  "num_utterances": int((index == i).sum())} for i, s in enumerate(speakers)]
     summary = {"runs": [{"data_root": data_root}]}
     out.mkdir(parents=True, exist_ok=True)
-    formats.write_all(out, ["pkl", "npz"] if write_npz else ["pkl"], keys, matrix, records, speakers, spk_matrix,
-                      spk_list, list(failures), summary)
+    finaldir.write(out, ["pkl", "npz"] if write_npz else ["pkl"], keys, matrix, records, speakers, spk_matrix,
+                   spk_list, list(failures), summary)
     return out
 
 
@@ -136,12 +136,14 @@ def test_lookups_and_unscorable_trials_are_reported(final, tmp_path):
     assert result["eer"] == pytest.approx(score.compute_eer(result["scores"], [1, 0, 0, 0]))
 
 
-def test_pickle_is_used_without_npz(final, tmp_path):
+def test_pickle_is_used_without_npz_only_when_allowed(final, tmp_path):
     _, keys, matrix = final
     records = json.loads((final[0] / "utterance_list.json").read_text())
     other = make_final(tmp_path / "pkl_only", keys, matrix, records, write_npz=False)
     assert not (other / "utterance_embeddings.npz").exists()
-    got_keys, got = score.load_embeddings(other)
+    with pytest.raises(score.ScoreError, match="only as a pickle .*allow_pickle"):
+        score.load_embeddings(other)
+    got_keys, got = score.load_embeddings(other, allow_pickle=True)
     assert got_keys == sorted(keys)
     np.testing.assert_array_equal(got, matrix[np.argsort(keys)])
 
@@ -217,4 +219,4 @@ def test_command_line(final, tmp_path, capsys):
     assert score.main(["--embeddings", str(tmp_path / "nope"), "--trials", str(trials)]) == 2
     assert "error: --embeddings" in capsys.readouterr().err
     assert score.main(["--embeddings", str(tmp_path), "--trials", str(trials)]) == 2
-    assert "is it a merged output dir" in capsys.readouterr().err
+    assert "is not a complete final dir: complete.json is missing" in capsys.readouterr().err

@@ -105,7 +105,7 @@ def test_report_names_outlier_and_pair(real_run):
 
 def test_report_refuses_a_non_final_dir(tmp_path):
     r = run_cli([sys.executable, "-m", "speakerlab.report", tmp_path])
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and "summary.json" in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "complete.json is missing" in r.stderr
     assert "Traceback" not in r.stderr
 
 

@@ -8,11 +8,11 @@ atomically as it goes, only under its own ``rank_XX``. This module is the orches
 options -> run().
 """
 import argparse
-import hashlib
 import logging
+import os
+import socket
 import sys
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -23,14 +23,14 @@ from speakerlab import zoo
 from speakerlab.config import ConfigError, load_config
 from speakerlab.backends import BACKENDS
 from speakerlab.embedder import DTYPES, Embedder
-from speakerlab.extract.coordinate import shared_scan, tell_waiting_ranks
+from speakerlab.extract.coordinate import describe_os_error, shared_scan, tell_waiting_ranks
 from speakerlab.extract.loader import DecodeJournal
 from speakerlab.extract.options import ExtractOptions, UsageError
 from speakerlab.extract.runtime import cpu_plan, pick_device, rank_info, versions
 from speakerlab.extract.worker import ShardPlan, SteadyRate, embed_shard, signals_held
 from speakerlab.hostmem import HostMemoryError
 from speakerlab.models import ModelLoadError, load_model
-from speakerlab.store import RankStore, atomic_write_json
+from speakerlab.rundir import RankStore, RunDir, RunDirBusy, RunDirError, scan_fingerprint
 
 log = logging.getLogger("speakerlab")
 
@@ -119,20 +119,15 @@ def build_embedder(options: ExtractOptions, device: torch.device, streams: int =
     return embedder, identity
 
 
-def keys_digest(utterances) -> str:
-    digest = hashlib.sha1()
-    for utt in utterances:
-        digest.update(utt.key.encode("utf-8", "surrogatepass") + b"\0")
-    return digest.hexdigest()
-
-
 def describe_difference(old: dict, new: dict) -> str:
     fields = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in fields)
 
 
-def open_rank_store(store: RankStore, fingerprint: dict, overwrite: bool) -> Optional[dict]:
-    """Resume, wipe or refuse what ``store`` holds; the earlier run's metadata when it is complete."""
+def open_rank_store(run_dir: RunDir, rank: int, fingerprint: dict, overwrite: bool):
+    """(store, the earlier run's metadata when that run completed the rank): resume, wipe or refuse.
+    A rank marked complete whose final files are gone or unreadable is redone."""
+    store = run_dir.store(rank)
     previous = store.read_metadata()
     if previous is not None and previous.get("fingerprint") != fingerprint:
         if not overwrite:
@@ -142,8 +137,13 @@ def open_rank_store(store: RankStore, fingerprint: dict, overwrite: bool) -> Opt
     elif overwrite:
         store.wipe()
     elif previous is not None and previous.get("complete"):
-        return previous
-    return None
+        problem = run_dir.check_rank_outputs(rank, previous)
+        if not problem:
+            return store, previous
+        # the parts were dropped when the rank completed: what the damaged file held is redone
+        log.warning("rank %d was complete, but %s: redoing the rank", rank, problem)
+        store.wipe()
+    return store, None
 
 
 def scan_errors(scan, rank: int) -> int:
@@ -179,33 +179,54 @@ def make_progress(total: int, initial: int, rank: int, position: int, disabled: 
 # --- main ----------------------------------------------------------------------------------
 def run(options: ExtractOptions) -> int:
     rank, world, local_rank, local_world = rank_info()
-    output_dir = Path(options.output_dir)
+    run_dir = RunDir(options.output_dir)
     started = datetime.now(timezone.utc)
     source = describe_input(options)
+    if options.check_only:  # nothing is made: the dir must be writable, or makeable in a writable folder
+        from speakerlab.checks import writable_dir_problem
+        problem = writable_dir_problem(run_dir.path, "--output_dir")
+        if problem:
+            raise UsageError(problem)
+    else:
+        run_dir.ensure_writable()  # before the model loads: a read-only dir fails in a second, not after
     device = pick_device(options.use_gpu, options.gpu, local_rank, local_world)
     num_workers, threads, streams = cpu_plan(options.num_workers, local_world, device, options.streams)
     torch.set_num_threads(threads)
     embedder, model_identity = build_embedder(options, device, streams)
     if options.check_only:
-        from speakerlab.checks import writable_dir_problem
-        problem = writable_dir_problem(output_dir, "--output_dir")
-        if problem:
-            raise UsageError(problem)
         log.info("arguments OK: input %s, model %s, output dir %s", source["path"], model_identity["name"],
-                 output_dir.absolute())
+                 run_dir.path.absolute())
         return 0
-    output_dir.mkdir(parents=True, exist_ok=True)
-    scan = shared_scan(options, source, output_dir, rank, world)
+    scan, run_id, lock = shared_scan(options, source, run_dir, rank, world)
+    try:
+        return run_shard(options, run_dir, scan, run_id, embedder, model_identity, device,
+                         (rank, world, local_rank, local_world), (num_workers, threads, streams), started)
+    finally:
+        if rank == 0:
+            run_dir.release(lock)
+        else:
+            lock.release()
+
+
+def run_shard(options: ExtractOptions, run_dir: RunDir, scan, run_id: str, embedder: Embedder, model_identity: dict,
+              device: torch.device, ranks, cpu, started: datetime) -> int:
+    """This rank's shard of the scan: resumed, embedded, finalized."""
+    rank, world, local_rank, local_world = ranks
+    num_workers, threads, streams = cpu
     shard = data_mod.shard_by_duration(scan.utterances, rank, world)
+    # every setting that changes the numbers: a resume with another one is refused
     fingerprint = {"model_sha256": model_identity["sha256"], "model_config": model_identity["config"],
                    "features": embedder.fbank.describe(), "dtype": embedder.dtype, "channels": options.channels,
-                   "max_chunk_s": options.max_chunk_s, "data_root": scan.data_root, "source": scan.source,
-                   "world_size": world,
-                   "rank": rank, "num_utterances": len(scan.utterances), "keys_sha1": keys_digest(scan.utterances)}
-
-    store = RankStore(output_dir, rank)
-    previous = open_rank_store(store, fingerprint, options.overwrite)
+                   "max_chunk_s": options.max_chunk_s, "fused": options.fuse, **scan_fingerprint(scan),
+                   "world_size": world, "rank": rank}
+    store, previous = open_rank_store(run_dir, rank, fingerprint, options.overwrite)
     if previous is not None:
+        missing = run_dir.missing_rank_pickles(rank)
+        if missing:  # the embeddings are all there: only the files made from them are rewritten
+            log.warning("rank %d was complete, but %s missing: rewriting from %s", rank, ", ".join(missing),
+                        run_dir.rank_embeddings_path(rank).name)
+            store.load_final()
+            store.finalize({u.key: u for u in shard}, previous)
         counts = previous["counts"]
         log.info("rank %d: already complete (%d embedded, %d failed); nothing to do (--overwrite redoes it)",
                  rank, counts["embedded"], counts["failed"])
@@ -213,26 +234,26 @@ def run(options: ExtractOptions) -> int:
             log.warning("rank %d: %d of %d files failed (see %s)", rank, counts["failed"], counts["assigned"],
                         store.metadata_path)
         return exit_status(counts["embedded"], counts["failed"], options.strict, scan_errors(scan, rank))
-    store.dir.mkdir(parents=True, exist_ok=True)
     plan = ShardPlan(batch_frames=embedder.batch_frames(options.batch_frames),
                      batch_size=batch_size_cap(options.batch_size, device),
                      num_workers=num_workers, streams=streams, threads=threads, channels=options.channels,
                      flush_every=options.flush_every, flush_seconds=options.flush_seconds,
                      pin_memory=device.type == "cuda", processes_on_host=local_world)
     metadata = {"rank": rank, "world_size": world, "complete": False, "fingerprint": fingerprint,
-                "model": model_identity, "started": started.isoformat(), "command": sys.argv,
+                "run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "model": model_identity,
+                "started": started.isoformat(), "command": sys.argv,
                 "device": str(device), "dtype": embedder.dtype, "versions": versions(),
                 "batch_policy": {"batch_frames": None, "batch_size": plan.batch_size,
                                  "fused": options.fuse, "length_grid": embedder.grid},
                 "engine": embedder.choice}  # backend and dtype, and why (speakerlab/calibration.py)
-    atomic_write_json(store.metadata_path, metadata)
+    store.write_metadata(metadata)
     store.load_parts()
     done = store.done_keys()
     todo = [u for u in shard if u.key not in done]
     if done:
         log.info("rank %d: resuming, %d of %d utterances already done", rank, len(done), len(shard))
     metadata["batch_policy"]["batch_frames"] = plan.batch_frames
-    journal = DecodeJournal(store.dir / "decoding") if num_workers > 0 else None
+    journal = DecodeJournal(run_dir.journal_dir(rank)) if num_workers > 0 else None
     if journal is not None:
         journal.clear()  # an earlier run's; a fresh one per run
     log.info("rank %d/%d on %s (%s): %d utterances to do, %d decode workers, %d model stream(s) x %d "
@@ -283,13 +304,22 @@ def finish_rank(store: RankStore, shard, metadata: dict, started: datetime, stri
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     options = ExtractOptions.from_namespace(build_parser().parse_args(argv))
+    run_dir = RunDir(options.output_dir)
     try:
         return run(options)
-    except (UsageError, data_mod.DataError, HostMemoryError) as exc:
-        tell_waiting_ranks(Path(options.output_dir), str(exc))
-        sys.stderr.write(f"error: {exc}\n")  # one write: ranks sharing a terminal or pipe do not interleave it
-        sys.stderr.flush()
-        return 2
+    except (UsageError, data_mod.DataError, RunDirBusy, HostMemoryError) as exc:
+        return fail(run_dir, str(exc), "usage", 2)
+    except RunDirError as exc:
+        return fail(run_dir, str(exc), "runtime", 1)
+    except OSError as exc:  # disk full, read-only filesystem ...: the file and the cause, no traceback
+        return fail(run_dir, describe_os_error(exc), "runtime", 1)
     except BaseException as exc:
-        tell_waiting_ranks(Path(options.output_dir), f"{type(exc).__name__}: {exc}")
+        tell_waiting_ranks(run_dir, f"{type(exc).__name__}: {exc}", "runtime")
         raise
+
+
+def fail(run_dir: RunDir, message: str, kind: str, status: int) -> int:
+    tell_waiting_ranks(run_dir, message, kind)
+    sys.stderr.write(f"error: {message}\n")  # one write: ranks sharing a terminal or pipe do not interleave it
+    sys.stderr.flush()
+    return status
