@@ -142,12 +142,29 @@ class OpenVINOBody:
             "INFERENCE_NUM_THREADS": max(1, streams) * max(1, threads),
             "PERFORMANCE_HINT": "LATENCY" if streams <= 1 else "THROUGHPUT",
         })
-        self._local = threading.local()
+        # One infer request per calling thread, held here (not in thread-local storage, which a
+        # finished thread would tear down apart from the compiled model they belong to).
+        self._requests = {}
+        self._lock = threading.Lock()
+
+    def _request(self):
+        ident = threading.get_ident()
+        request = self._requests.get(ident)
+        if request is None:
+            with self._lock:
+                request = self._requests[ident] = self.compiled.create_infer_request()
+        return request
+
+    def close(self) -> None:
+        """Requests before the compiled model they came from."""
+        self._requests.clear()
+        self.compiled = None
+
+    def __del__(self):
+        self.close()
 
     def __call__(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        request = getattr(self._local, "request", None)
-        if request is None:
-            request = self._local.request = self.compiled.create_infer_request()
+        request = self._request()
         h = h.detach().float().contiguous().cpu().numpy()
         lengths = lengths.detach().to(torch.int64).cpu().numpy()
         out = request.infer([h, lengths], share_inputs=True)[0]
