@@ -86,3 +86,35 @@ def test_unidentifiable_worker_death_still_stops_the_rank(tmp_path):
     r = run_cli(extract_cmd(data, tmp_path / "out", *micro_model(tmp_path / "model"), "--num_workers", "0"),
                 env=env)
     assert r.returncode == -signal.SIGKILL
+
+
+def test_broken_handover_is_read_as_the_dead_worker():
+    """A worker killed while handing a batch over (shared memory sent as an fd) surfaces in the rank as
+    ConnectionResetError before torch's SIGCHLD handler speaks: it is still read as that worker's
+    death, so its file fails and the rank goes on (seen in CI as a flaky [killed] case)."""
+    import multiprocessing as mp
+    import signal as sig
+    import time
+
+    from torch.utils.data._utils import signal_handling
+
+    from speakerlab.extract.loader import dead_workers, death_behind
+
+    child = mp.get_context("fork").Process(target=lambda: os.kill(os.getpid(), sig.SIGKILL))
+    child.start()
+    deadline = time.monotonic() + 10
+    while os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    key = 987654
+    signal_handling._set_worker_pids(key, (child.pid,))
+    try:
+        death = death_behind(ConnectionResetError(104, "Connection reset by peer"))
+        assert isinstance(death, RuntimeError)
+        pids, how = dead_workers(death)
+        assert pids == [child.pid] and "Killed" in how
+    finally:
+        signal_handling._remove_worker_pids(key)
+        child.join()
+    # no worker died: the error is not a decoder crash
+    assert death_behind(ConnectionResetError(104, "reset"), patience=0.1) is None

@@ -2,6 +2,7 @@
 names the file a dead decoder was on."""
 import os
 import re
+import time
 import shutil
 from pathlib import Path
 from typing import List, NamedTuple, Optional
@@ -108,6 +109,27 @@ def dead_workers(exc: BaseException):
         return None
     pids = [int(p) for p in re.findall(r"\d+", match.group(1))]
     return pids, match.group(2).rstrip(". ")
+
+
+def death_behind(exc: BaseException, patience: float = 1.0) -> Optional[BaseException]:
+    """torch's dead-worker error behind a loader error that is not one (e.g. ConnectionResetError
+    while taking a batch's shared memory from a worker killed in between, before the SIGCHLD handler
+    has spoken), or None if no decode worker died. Asks torch's own check of its workers' pids."""
+    if dead_workers(exc) is not None:
+        return exc
+    try:
+        from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails
+    except ImportError:  # private API gone: the error stays the rank's
+        return None
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            _error_if_any_worker_fails()
+        except RuntimeError as death:
+            return death if dead_workers(death) is not None else None
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
 
 
 def crashed_files(exc: BaseException, journal: Optional[DecodeJournal], pending) -> list:

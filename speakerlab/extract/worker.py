@@ -15,7 +15,8 @@ import torch
 from speakerlab.batching import plan_batches
 from speakerlab.embedder import Embedder, Result, release_memory
 from speakerlab.hostmem import memory_limit_bytes, plan_in_flight, shm_free_bytes
-from speakerlab.extract.loader import MAX_DECODER_CRASHES, WaveDataset, collate, crashed_files, dead_workers
+from speakerlab.extract.loader import (MAX_DECODER_CRASHES, WaveDataset, collate, crashed_files, dead_workers,
+                                       death_behind)
 
 log = logging.getLogger("speakerlab")
 
@@ -139,13 +140,18 @@ def embed_shard(todo, embedder: Embedder, store, plan: ShardPlan, journal=None, 
                     progress.update(len(batch.indices) + len(batch.bad))
                     progress.set_postfix_str(f"{audio_seconds / 3600:.2f} h audio", refresh=False)
             break
-        except RuntimeError as exc:
+        except (RuntimeError, ConnectionError, EOFError) as error:
+            # A worker killed while handing over a batch can surface as a broken connection before
+            # torch's SIGCHLD handler reports it: ask torch which worker died.
+            exc = death_behind(error) if not isinstance(error, RuntimeError) else error
+            if exc is None:
+                raise
             store.repair()  # in case an add was cut short all the same
             handled = store.done_keys()
             left = [i for i in left if todo[i].key not in handled]
             culprits = crashed_files(exc, journal, set(left))
             if not culprits or attempt == MAX_DECODER_CRASHES:
-                raise
+                raise exc
             with signals_held():
                 for index, how in culprits:
                     log.warning("%sthe decoder crashed on %s (%s); listed as failed, going on",
