@@ -12,7 +12,14 @@ weights), measures on the same files:
                     load, decode workers, batched fbank + model, results written), wall clock;
   (c) ceiling    -- the model alone, same dtype and memory format as (b): on CPU on fixed 6 s
                     inputs at its best batch size; on CUDA on the very batch shapes (b) makes of
-                    this corpus (same plan, padding and grid; see same_shapes_ceiling).
+                    this corpus (same plan, padding and grid; see same_shapes_ceiling);
+  (d) peers      -- CPU: the model alone on one 6 s input, batch 1, all cores, interleaved: the fp32
+                    reference code, ONNX Runtime fp32 and OpenVINO fp32 / bf16 on an export of the same
+                    weights (whatever of them is installed: pip install -c constraints.txt onnxruntime
+                    onnx ".[openvino]"), and ours as ``auto`` chose (``--skip_peers`` leaves it out).
+
+Before (b), ``auto``'s first-run work (OpenVINO export, calibration) is done once and timed apart, so
+(b) runs with it cached. The CPU's key flags, AMX or not, and what ``auto`` chose are printed.
 
 (b) also reports its steady state (from the rank's metadata ``timing``: audio embedded after the
 first batch over the time since, so start-up is excluded); on a GPU that, not the whole process,
@@ -302,15 +309,16 @@ def phase_ceiling(args) -> dict:
     import torch
     from concurrent.futures import ThreadPoolExecutor
     from speakerlab.config import load_config
-    from speakerlab.embedder import Embedder, default_batch_frames, resolve_dtype
+    from speakerlab.embedder import Embedder, default_batch_frames
     from speakerlab.extract import cpu_plan
     from speakerlab.models import load_model
     device = torch.device(args.device)
     _, threads, streams = cpu_plan(-1, 1, device)
     torch.set_num_threads(threads)
     config = load_config(args.config_file)
-    dtype = resolve_dtype(args.dtype, device)
-    embedder = Embedder(load_model(config, args.model_path), config, device, dtype=dtype)
+    embedder = Embedder(load_model(config, args.model_path), config, device, dtype=args.dtype,
+                        backend=args.backend, streams=streams)  # as the pipeline builds it
+    dtype = embedder.dtype
     if device.type == "cuda":
         sr = config.sample_rate
         from speakerlab.data import read_headers
@@ -343,9 +351,104 @@ def phase_ceiling(args) -> dict:
         for batch in [int(b) for b in args.batches.split(",")]:
             results[batch] = sum(pool.map(stream, [batch] * streams))
     best = max(results, key=results.get)
-    return {"dtype": dtype, "channels_last": embedder.channels_last, "streams": streams, "threads": threads,
+    return {"dtype": dtype, "backend": embedder.backend, "channels_last": embedder.channels_last,
+            "streams": streams, "threads": threads,
             "x_real_time_by_batch": {str(k): round(v, 1) for k, v in results.items()},
             "best_batch": best, "x_real_time": results[best]}
+
+
+def phase_prepare(args) -> dict:
+    """Once per machine, model and versions, before (b): what ``auto`` does on a first run (export the
+    model for OpenVINO, measure the candidates), so (b) times a run with the model cached, as a
+    corpus of thousands of files sees it; its cost is reported on its own."""
+    import torch
+    from speakerlab.config import load_config
+    from speakerlab.embedder import Embedder
+    from speakerlab.extract import cpu_plan
+    from speakerlab.models import load_model
+    _, threads, streams = cpu_plan(-1, 1, torch.device(args.device))
+    torch.set_num_threads(threads)
+    config = load_config(args.config_file)
+    started = time.perf_counter()
+    embedder = Embedder(load_model(config, args.model_path), config, torch.device(args.device), dtype=args.dtype,
+                        backend=args.backend, streams=streams)
+    return {"seconds": round(time.perf_counter() - started, 2), "engine": embedder.choice}
+
+
+def phase_peers(args) -> dict:
+    """(d): model only, one 6 s input at batch 1 on all cores (the issue-14 setting), fp32 reference code
+    vs what a user gets by exporting the same weights: ONNX Runtime fp32, OpenVINO fp32 / bf16 (whole
+    model, traced from our modules), and ours as ``auto`` chose (the same Embedder the pipeline builds).
+    Candidates run interleaved, round after round, so load on the machine hits all alike."""
+    import copy
+    import warnings
+    import torch
+    from speakerlab import backends
+    from speakerlab.config import load_config
+    from speakerlab.embedder import Embedder
+    from speakerlab.models import load_model
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    config = load_config(args.config_file)
+    model = load_model(config, args.model_path).eval()
+    frames = 598
+    feats = torch.randn(1, frames, config.fbank_dim, generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([frames])
+    ours = Embedder(copy.deepcopy(model), config, torch.device("cpu"), dtype=args.dtype, backend=args.backend,
+                    streams=1)
+    runs = {"torch reference fp32": lambda: model(feats, lengths),
+            f"ours ({ours.backend} {ours.dtype})": lambda: ours._forward(feats, lengths)}
+    notes = {}
+    fresh = backends._fresh_copy(model)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            import onnxruntime as ort
+            onnx_path = Path(tmp) / "model.onnx"
+            torch.onnx.export(fresh, (torch.randn(2, 233, config.fbank_dim), torch.tensor([233, 150])), onnx_path,
+                              dynamo=False, input_names=["feats", "lengths"], output_names=["embedding"],
+                              dynamic_axes={"feats": {0: "batch", 1: "frames"}, "lengths": {0: "batch"}},
+                              opset_version=17)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+            inputs = {"feats": feats.numpy(), "lengths": lengths.numpy()}
+            runs[f"onnxruntime {ort.__version__} fp32"] = lambda: session.run(None, inputs)
+        except ImportError as exc:
+            notes["onnxruntime"] = f"not installed ({exc})"
+        try:
+            import openvino as ov
+            example = (torch.randn(2, 233, config.fbank_dim), torch.tensor([233, 150]))
+            traced = torch.jit.trace(fresh, example, check_trace=False)
+            converted = ov.convert_model(traced, example_input=example, input=[
+                (ov.PartialShape([-1, -1, config.fbank_dim]), ov.Type.f32), (ov.PartialShape([-1]), ov.Type.i64)])
+            for precision in ["f32"] + (["bf16"] if backends.openvino_bf16() else []):
+                compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": precision,
+                                                                       "INFERENCE_NUM_THREADS": threads,
+                                                                       "PERFORMANCE_HINT": "LATENCY"})
+                request = compiled.create_infer_request()
+                runs[f"openvino {ov.__version__.split('-')[0]} {precision}"] = (
+                    lambda r=request: r.infer([feats.numpy(), lengths.numpy()]))
+        except ImportError as exc:
+            notes["openvino"] = f"not installed ({exc})"
+        try:
+            import sherpa_onnx  # noqa: F401
+            notes["sherpa-onnx"] = "installed, but it needs its own model export and fbank: not run here"
+        except ImportError:
+            notes["sherpa-onnx"] = "not installed"
+        with torch.inference_mode():
+            for run in runs.values():  # warm-up
+                run()
+                run()
+            best = {name: float("inf") for name in runs}
+            started = time.perf_counter()
+            while time.perf_counter() - started < args.ceiling_seconds * len(runs) or min(best.values()) == float("inf"):
+                for name, run in runs.items():
+                    t = time.perf_counter()
+                    run()
+                    best[name] = min(best[name], time.perf_counter() - t)
+    return {"threads": threads, "input_s": 6.0, "batch": 1, "engine": ours.choice,
+            "x_real_time": {name: round(6.0 / t, 1) for name, t in best.items()}, "notes": notes}
 
 
 # (a) runs as the reference does, with oneDNN's own settings: its kernel cache of 1024 entries, not
@@ -357,7 +460,8 @@ def run_phase(name: str, args, model_path, config_file, data_root, out) -> tuple
     cmd = [sys.executable, __file__, "--_phase", name, "--_model_path", model_path,
            "--_config_file", config_file, "--_data_root", data_root, "--_out", out,
            "--device", args.device, "--dtype", args.dtype, "--batches", args.batches,
-           "--ceiling_seconds", str(args.ceiling_seconds), "--reference_threads", str(args.reference_threads)]
+           "--ceiling_seconds", str(args.ceiling_seconds), "--reference_threads", str(args.reference_threads),
+           "--backend", args.backend]
     env = REFERENCE_ENV if name == "reference" else None
     wall, rss, stdout, _, extra = run_measured(cmd, env=env)
     if env:
@@ -375,6 +479,8 @@ def pipeline_cmd(args, model_path, config_file, data_root, output_dir, extra_arg
         cmd += ["--use_gpu", "--gpu", str(torch_index(args.device))]
     if args.dtype != "auto":
         cmd += ["--dtype", args.dtype]
+    if args.backend != "auto":
+        cmd += ["--backend", args.backend]
     return cmd + shlex.split(extra_args)
 
 
@@ -421,6 +527,10 @@ def bench_model(name: str, args, workdir: Path) -> dict:
     print(f"[{name}] (a) reference loop: {result['a_reference']['x_real_time']:.1f}x real time "
           f"({ref['seconds']:.1f} s, {ref['threads']} thread(s))", flush=True)
 
+    prep, _, _ = run_phase("prepare", args, model_path, config_file, corpus, workdir / "unused")
+    result["first_run_preparation"] = prep
+    print(f"[{name}] auto's first-run preparation (export, calibration; cached after): {prep['seconds']:.1f} s",
+          flush=True)
     variants = [("b_pipeline", args.extract_args)]
     if args.baseline_args is not None:
         variants.append(("b_baseline", args.baseline_args))
@@ -441,7 +551,7 @@ def bench_model(name: str, args, workdir: Path) -> dict:
                  "peak_rss_mib": max(r["rss"] for r in runs[key]), "process_cpu_s": best["cpu_s"],
                  "load_before": best["load_before"], "extract_args": extra_args,
                  "embedded": meta["counts"]["embedded"], "failed": meta["counts"]["failed"],
-                 "dtype": meta["dtype"], "batch_policy": meta.get("batch_policy"),
+                 "dtype": meta["dtype"], "batch_policy": meta.get("batch_policy"), "engine": meta.get("engine"),
                  "command": " ".join(shlex.quote(str(c)) for c in best["cmd"]),
                  "log": [l for l in best["stderr"].splitlines() if "INFO" in l or "WARN" in l][-6:]}
         entry.update(cosines(ref_out, RunDir(out_dir).rank_embeddings_path(0)))
@@ -450,10 +560,12 @@ def bench_model(name: str, args, workdir: Path) -> dict:
         entry["timing"] = timing
         result[key] = entry
         steady = entry["steady_x_real_time"]
+        engine = entry["engine"] or {}
         print(f"[{name}] ({'b' if key == 'b_pipeline' else 'b baseline'}) pipeline {extra_args!r}: "
               f"{entry['x_real_time']:.1f}x real time ({best['wall']:.1f} s whole process"
               + (f"; steady state {steady:.1f}x" if steady else "") + "), "
-              f"min cosine to (a) {entry['min_cosine']:.5f}", flush=True)
+              f"min cosine to (a) {entry['min_cosine']:.5f}; engine {engine.get('backend')}/{engine.get('dtype')} "
+              f"({engine.get('why', '')}; probe ms {engine.get('probe_ms')})", flush=True)
 
     if not args.skip_ceiling:
         ceil, ceil_rss, _ = run_phase("ceiling", args, model_path, config_file, corpus, workdir / "unused")
@@ -461,6 +573,13 @@ def bench_model(name: str, args, workdir: Path) -> dict:
         result["c_ceiling"] = ceil
         print(f"[{name}] (c) model-only ceiling: {ceil['x_real_time']:.1f}x real time "
               f"(batch {ceil['best_batch']}, {ceil['dtype']}; {ceil['x_real_time_by_batch']})", flush=True)
+    if not args.skip_peers:
+        peers, peers_rss, _ = run_phase("peers", args, model_path, config_file, corpus, workdir / "unused")
+        peers["peak_rss_mib"] = peers_rss
+        result["d_peers"] = peers
+        print(f"[{name}] (d) model only, 6 s, batch 1, {peers['threads']} threads, x real time: "
+              + ", ".join(f"{k} {v}" for k, v in peers["x_real_time"].items())
+              + (f"; {peers['notes']}" if peers["notes"] else ""), flush=True)
     a = result["a_reference"]["x_real_time"]
     b = result["b_pipeline"]["x_real_time"]
     result["ratios"] = {"b_over_a": b / a}
@@ -471,6 +590,11 @@ def bench_model(name: str, args, workdir: Path) -> dict:
         steady = result["b_pipeline"].get("steady_x_real_time")
         if steady:  # the GPU's measure: whole-process start-up is seconds against little model time
             result["ratios"]["b_steady_over_c"] = steady / result["c_ceiling"]["x_real_time"]
+    if "d_peers" in result:  # ours over each peer, model only
+        speeds = result["d_peers"]["x_real_time"]
+        mine = next(v for k, v in speeds.items() if k.startswith("ours"))
+        result["ratios"]["model_only_ours_over"] = {k: round(mine / v, 2) for k, v in speeds.items()
+                                                    if not k.startswith("ours")}
     return result
 
 
@@ -492,7 +616,34 @@ def machine_info(device: str) -> dict:
         info["cpu_native_bf16"] = cpu_has_fast_bf16()
     except Exception:
         pass
+    from speakerlab.calibration import cpu_identity
+    flags = cpu_identity()["flags"].split()
+    info["cpu_flags"] = " ".join(flags)
+    info["cpu_key_flags"] = [f for f in flags if f in KEY_FLAGS]
+    info["amx"] = "amx_bf16" in flags
+    from speakerlab.backends import openvino_version
+    info["openvino"] = (openvino_version() or "").split("-")[0] or None
+    try:
+        import onnxruntime
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        info["onnxruntime"] = None
     return info
+
+
+KEY_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+             "amx_int8", "avx_vnni", "avx_ne_convert")
+
+
+def print_peers(results):
+    for r in results:
+        if "d_peers" not in r:
+            continue
+        print(f"{r['model']}: model only (6 s, batch 1, {r['d_peers']['threads']} threads), x real time; "
+              f"ours over each:")
+        ratios = r["ratios"].get("model_only_ours_over", {})
+        for name, speed in r["d_peers"]["x_real_time"].items():
+            print(f"  {name:<34} {speed:>8.1f}x" + (f"   ours / it = {ratios[name]:.2f}" if name in ratios else ""))
 
 
 def print_table(results):
@@ -536,6 +687,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default=None, help="batch sizes tried for (c), comma separated")
     p.add_argument("--ceiling_seconds", type=float, default=None, help="time per batch size in (c)")
     p.add_argument("--skip_ceiling", action="store_true")
+    p.add_argument("--backend", default="auto", help="for (b), (c) and ours in (d): auto, torch or openvino")
+    p.add_argument("--skip_peers", action="store_true", help="leave out (d), the model-only peers")
     p.add_argument("--reference_threads", type=int, default=0,
                    help="threads for (a); 0 = the faster of torch's default and 1, probed at start")
     p.add_argument("--seed", type=int, default=1234)
@@ -552,7 +705,9 @@ def main(argv=None) -> int:
     if args._phase:
         args.model_path, args.config_file = args._model_path, args._config_file
         args.data_root, args.out = args._data_root, args._out
-        result = phase_reference(args) if args._phase == "reference" else phase_ceiling(args)
+        phases = {"reference": phase_reference, "ceiling": phase_ceiling, "peers": phase_peers,
+                  "prepare": phase_prepare}
+        result = phases[args._phase](args)
         print(json.dumps(result))
         return 0
 
@@ -576,8 +731,17 @@ def main(argv=None) -> int:
         if tmp is not None:
             tmp.cleanup()
     print()
+    machine = machine_info(args.device)
+    print(f"CPU: {machine.get('cpu')}, {machine['cpu_cores']} cores, AMX: {'yes' if machine['amx'] else 'no'}; "
+          f"key flags: {' '.join(machine['cpu_key_flags'])}; torch {machine['torch']}, "
+          f"openvino {machine['openvino']}, onnxruntime {machine['onnxruntime']}")
+    for r in results:
+        engine = r["b_pipeline"].get("engine") or {}
+        print(f"{r['model']}: auto chose {engine.get('backend')}/{engine.get('dtype')} "
+              f"(candidates {engine.get('candidates')}, probe ms {engine.get('probe_ms')})")
     print_table(results)
-    report = {"machine": machine_info(args.device), "command": " ".join(map(shlex.quote, sys.argv)),
+    print_peers(results)
+    report = {"machine": machine, "command": " ".join(map(shlex.quote, sys.argv)),
               "quick": args.quick, "extract_args": args.extract_args, "baseline_args": args.baseline_args,
               "dtype": args.dtype,
               "total_bench_s": round(time.perf_counter() - started, 1),

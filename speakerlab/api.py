@@ -73,18 +73,23 @@ class SpeakerModel:
     """A loaded model plus its fbank front end; ``embed`` and ``compare`` take files or arrays."""
 
     def __init__(self, model, config, device, dtype: str = "auto", channels: str = "first",
-                 max_chunk_s: float = 300.0, name: str = "", checkpoint: str = "", fuse: bool = True):
-        from speakerlab.embedder import Embedder, resolve_dtype
-        dtype = resolve_dtype(dtype, device)
+                 max_chunk_s: float = 300.0, name: str = "", checkpoint: str = "", fuse: bool = True,
+                 backend: str = "auto"):
+        from speakerlab.embedder import Embedder, check_engine_args
+        check_engine_args(dtype, backend)
         if channels not in ("first", "mean"):
             raise ValueError(f"channels must be 'first' or 'mean', not {channels!r}")
         self.config = config
         self.device = device
-        self.dtype = dtype
         self.channels = channels
         self.name = name
         self.checkpoint = checkpoint
-        self.embedder = Embedder(model, config, device, dtype=dtype, max_chunk_s=max_chunk_s, fuse=fuse)
+        # dtype / backend "auto": the pipeline's policy (speakerlab/calibration.py), one thread plan
+        self.embedder = Embedder(model, config, device, dtype=dtype, max_chunk_s=max_chunk_s, fuse=fuse,
+                                 backend=backend)
+        self.dtype = self.embedder.dtype
+        self.backend = self.embedder.backend
+        self.engine = self.embedder.choice  # what auto chose and why
 
     @property
     def sample_rate(self) -> int:
@@ -183,13 +188,17 @@ def _pick_device(device) -> "torch.device":
 
 
 def load_model(model_path=None, config_file=None, device=None, dtype: str = "auto",
-               channels: str = "first", max_chunk_s: float = 300.0, fuse: bool = True) -> SpeakerModel:
+               channels: str = "first", max_chunk_s: float = 300.0, fuse: bool = True,
+               backend: str = "auto") -> SpeakerModel:
     """Load a model for ``embed``/``compare``.
 
     No arguments: the embedded default CAM++ zh/en model (fetched once, see ``speakerlab.zoo``).
     ``model_path`` needs ``config_file`` (e.g. ``conf/eres2netv2.yaml``). ``device``: None picks CUDA
     when present, else CPU. ``dtype``: auto (the pipeline's choice), fp32, bf16 or fp16. ``fuse``:
     conv + BatchNorm + activation as one op (``speakerlab.models.fusion``), as the pipeline does.
+    ``backend``: auto, torch or openvino (CPU; ``pip install .[openvino]``). On CPU, auto dtype and
+    backend are the fastest measured on this machine (``speakerlab.calibration``, cached); ``.engine``
+    says what was chosen and why.
     """
     from speakerlab import zoo
     from speakerlab.config import load_config
@@ -198,7 +207,8 @@ def load_model(model_path=None, config_file=None, device=None, dtype: str = "aut
     config = load_config(config_file)
     model = build_and_load(config, model_path)
     return SpeakerModel(model, config, _pick_device(device), dtype=dtype, channels=channels,
-                        max_chunk_s=max_chunk_s, name=name, checkpoint=str(model_path), fuse=fuse)
+                        max_chunk_s=max_chunk_s, name=name, checkpoint=str(model_path), fuse=fuse,
+                        backend=backend)
 
 
 # --- final output directories --------------------------------------------------------------

@@ -42,12 +42,22 @@ def default_dtype(device: torch.device) -> str:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """``auto`` -> the default for ``device``; anything else must name one of ``DTYPES``."""
+    """``auto`` -> the default for ``device``; anything else must name one of ``DTYPES``.
+    (On CPU, ``Embedder(dtype="auto")`` measures instead: see ``speakerlab/calibration.py``.)"""
     if dtype == "auto":
         return default_dtype(device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, not {dtype!r}")
     return dtype
+
+
+def check_engine_args(dtype: str, backend: str) -> None:
+    """Bad ``dtype`` / ``backend`` values, as ValueError with one line."""
+    from speakerlab.backends import BACKENDS
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, not {dtype!r}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}, not {backend!r}")
 
 
 @dataclass
@@ -149,9 +159,14 @@ class Embedder:
     def __init__(self, model: torch.nn.Module, config: ModelConfig, device: torch.device,
                  dtype: str = "fp32", channels_last: Optional[bool] = None,
                  max_chunk_frames: int = 30000, fuse: bool = True, grid: Optional[bool] = None,
-                 max_chunk_s: Optional[float] = None):
+                 max_chunk_s: Optional[float] = None, backend: str = "torch", streams: int = 1):
+        """``dtype`` / ``backend`` "auto": on CPU, the fastest of the candidates this machine offers,
+        measured on this model (speakerlab/calibration.py, cached); ``self.choice`` says what and why."""
+        check_engine_args(dtype, backend)
         self.device = device
         self.dtype = dtype
+        self.backend = "torch"
+        self.engine = None  # the exported body (speakerlab/backends.py) when the backend is not torch
         self.model = model.eval().to(device)
         self.fbank = Fbank(FbankConfig(sample_rate=config.sample_rate,
                                        num_mel_bins=config.fbank_dim)).to(device)
@@ -165,10 +180,11 @@ class Embedder:
         self.channels_last = channels_last and is_2d
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        if dtype != "fp32":
-            keep_feature_convs_fp32(self.model, DTYPES[dtype])
+        if dtype != "fp32":  # "auto" may pick bf16 (CPU) / fp16 (GPU)
+            keep_feature_convs_fp32(self.model, DTYPES[default_dtype(device) if dtype == "auto" else dtype])
         # conv + BatchNorm + activation as one op (models/fusion.py): the same function, rounded
         # differently -- fp32 within 2e-5 relative of unfused; bf16 as close to fp32 as unfused bf16
+        self.fused = fuse
         if fuse:
             enable_fusion(self.model)
         # Pad every batch to a grid length (batching.grid_frames) so shapes repeat: on CPU oneDNN
@@ -179,6 +195,20 @@ class Embedder:
         self.grid_steps = GRID_STEPS_PER_OCTAVE if device.type == "cpu" else GRID_STEPS_PER_OCTAVE // 2
         # fp32 means fp32 on CUDA (no TF32): the fbank, the conv reading it, and --dtype fp32
         self.exact_fp32 = device.type == "cuda"
+        from speakerlab.calibration import choose_engine
+        self.choice = choose_engine(self, dtype, backend, streams)
+
+    @property
+    def model_digest(self) -> str:
+        """The weights' digest (speakerlab/backends.py), computed once: the model's key in caches."""
+        if getattr(self, "_digest", None) is None:
+            from speakerlab.backends import model_digest
+            self._digest = model_digest(self.model)
+        return self._digest
+
+    def use_engine(self, backend: str, dtype: str, engine=None) -> None:
+        """Run as ``backend`` in ``dtype`` from now on (``engine``: the backend's compiled body)."""
+        self.backend, self.dtype, self.engine = backend, dtype, engine
 
     def _autocast(self, dtype: Optional[str] = None):
         dtype = dtype or self.dtype
@@ -195,6 +225,11 @@ class Embedder:
             if padded > feats.shape[1]:  # zeros beyond every utterance: masked, invisible
                 feats = F.pad(feats, (0, 0, 0, padded - feats.shape[1]))
         lengths = None if bool((frames == feats.shape[1]).all()) else frames  # host: no device sync
+        if self.engine is not None and (dtype is None or dtype == self.dtype):
+            # the first conv in torch fp32, the rest in the backend
+            h = self.model.forward_stem(feats, lengths)
+            full = torch.full((feats.shape[0],), feats.shape[1], dtype=torch.long)
+            return self.engine(h, full if lengths is None else lengths).float()
         with self._autocast(dtype):
             out = self.model(feats, lengths)
         return out.float()

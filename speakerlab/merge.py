@@ -210,6 +210,7 @@ def run_summary(input_dirs, runs, pieces: dict, formats, speaker_mean, duration_
                   "started": min(m["started"] for m in metas), "finished": max(m["finished"] for m in metas),
                   "command": metas[0]["command"], "devices": sorted({m["device"] for m in metas}),
                   "batch_policy": metas[0].get("batch_policy"), "versions": metas[0].get("versions"),
+                  "engine": metas[0].get("engine"),
                   "run_ids": sorted({m.get("run_id") or "" for m in metas})}
                  for d, (scan, metas, _) in zip(input_dirs, runs)],
         "partial": bool(pieces["problems"]),

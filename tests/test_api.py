@@ -56,9 +56,11 @@ def test_api_embedding_equals_pipeline(run, tiny):
     """Same decode, same fbank, same model, same default dtype: the pipeline's numbers."""
     out, utts = run
     keys = sorted(utts)
-    from speakerlab.embedder import default_dtype
-    import torch
-    assert tiny.dtype == default_dtype(torch.device("cpu"))
+    import json
+    from speakerlab.rundir import RunDir
+    engine = RunDir(out / "tmp").read_metadata(0)["engine"]
+    assert (tiny.backend, tiny.dtype) == (engine["backend"], engine["dtype"])  # one policy, one choice
+    assert json.loads((out / "final" / "summary.json").read_text())["runs"][0]["engine"] == engine
     batch = tiny.embed([utts[k]["path"] for k in keys])
     assert batch.shape == (len(keys), 192) and batch.dtype == np.float32
     for key, row in zip(keys, batch):

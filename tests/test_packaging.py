@@ -40,6 +40,9 @@ def test_requirements_files_and_constraints_agree_with_pyproject():
     for requirement in runtime + meta["optional-dependencies"]["dev"]:
         assert name(requirement) in pinned, f"{requirement} is not pinned in constraints.txt"
     assert set(meta["scripts"]) == SCRIPTS
+    assert requirement_lines(ROOT / "requirements-openvino.txt") == meta["optional-dependencies"]["openvino"]
+    for requirement in meta["optional-dependencies"]["openvino"]:
+        assert name(requirement) in pinned, f"{requirement} is not pinned in constraints.txt"
 
 
 def test_configs_ship_in_the_package_and_conf_points_there():

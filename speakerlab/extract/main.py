@@ -23,7 +23,8 @@ from speakerlab import data as data_mod
 from speakerlab import manifest as manifest_mod
 from speakerlab import zoo
 from speakerlab.config import ConfigError, load_config
-from speakerlab.embedder import DTYPES, Embedder, resolve_dtype
+from speakerlab.backends import BACKENDS
+from speakerlab.embedder import DTYPES, Embedder
 from speakerlab.extract.coordinate import describe_os_error, shared_scan, tell_waiting_ranks
 from speakerlab.extract.loader import DecodeJournal
 from speakerlab.extract.options import ExtractOptions, UsageError
@@ -91,8 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streams", type=_whole(1, auto=True), default=-1,
                    help="CPU only: batches run concurrently, each single-threaded; -1 = auto (one per core, <= 16)")
     p.add_argument("--dtype", choices=["auto"] + list(DTYPES), default="auto",
-                   help="model precision; auto = bf16 on GPUs of compute capability >= 8.0 (7.x: fp16) and on CPUs "
-                        "with native bf16, else fp32")
+                   help="model precision; auto = bf16 on GPUs of compute capability >= 8.0 (7.x: fp16); on CPU "
+                        "the faster of fp32 and bf16, measured on this machine and model (cached; see README)")
+    p.add_argument("--backend", choices=["auto"] + list(BACKENDS), default="auto",
+                   help="CPU model engine: torch, or openvino (pip install .[openvino]); auto = the faster, "
+                        "measured with --dtype auto's calibration")
     p.add_argument("--length_grid", choices=["auto", "on", "off"], default="auto",
                    help="pad batches to one of 16 lengths per octave (<= 6.25%% more frames; GPU: 8, <= 12.5%%) "
                         "so batch shapes repeat and oneDNN / cuDNN reuse their set-up; auto = on")
@@ -125,7 +129,7 @@ def describe_input(options: ExtractOptions) -> dict:
     return manifest_mod.describe_source(options.data_root, options.manifest, options.kaldi_dir, options.dataset)
 
 
-def build_embedder(options: ExtractOptions, device: torch.device):
+def build_embedder(options: ExtractOptions, device: torch.device, streams: int = 1):
     """(embedder, model identity) for the options' model on ``device``; bad model choices are UsageErrors."""
     try:
         model_path, config_file, model_name = zoo.resolve_model(options.model_path, options.config_file)
@@ -133,8 +137,11 @@ def build_embedder(options: ExtractOptions, device: torch.device):
         model = load_model(config, model_path)
     except (zoo.AssetError, zoo.ModelChoiceError, ConfigError, ModelLoadError) as exc:
         raise UsageError(str(exc)) from None
-    embedder = Embedder(model, config, device, dtype=resolve_dtype(options.dtype, device),
-                        max_chunk_s=options.max_chunk_s, fuse=options.fuse, grid=options.grid)
+    try:
+        embedder = Embedder(model, config, device, dtype=options.dtype, backend=options.backend, streams=streams,
+                            max_chunk_s=options.max_chunk_s, fuse=options.fuse, grid=options.grid)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     identity = {"name": model_name, "checkpoint": str(model_path), "sha256": zoo.sha256_of(model_path),
                 "config": config.to_dict()}
     return embedder, identity
@@ -213,7 +220,7 @@ def run(options: ExtractOptions) -> int:
     device = pick_device(options.use_gpu, options.gpu, local_rank, local_world)
     num_workers, threads, streams = cpu_plan(options.num_workers, local_world, device, options.streams)
     torch.set_num_threads(threads)
-    embedder, model_identity = build_embedder(options, device)
+    embedder, model_identity = build_embedder(options, device, streams)
     if options.check_only:
         log.info("arguments OK: input %s, model %s, output dir %s", source["path"], model_identity["name"],
                  run_dir.path.absolute())
@@ -264,7 +271,8 @@ def run_shard(options: ExtractOptions, run_dir: RunDir, scan, run_id: str, embed
                 "started": started.isoformat(), "command": sys.argv,
                 "device": str(device), "dtype": embedder.dtype, "versions": versions(),
                 "batch_policy": {"batch_frames": None, "batch_size": plan.batch_size,
-                                 "fused": options.fuse, "length_grid": embedder.grid}}
+                                 "fused": options.fuse, "length_grid": embedder.grid},
+                "engine": embedder.choice}  # backend and dtype, and why (speakerlab/calibration.py)
     store.write_metadata(metadata)
     store.load_parts()
     done = store.done_keys()

@@ -23,6 +23,7 @@ class ExtractOptions:
     num_workers: int = -1
     streams: int = -1
     dtype: str = "auto"
+    backend: str = "auto"
     length_grid: str = "auto"
     no_fusion: bool = False
     channels: str = "first"

@@ -132,8 +132,14 @@ class _FreqConvHead(nn.Module):
         return nn.Sequential(*units)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.body(self.stem(x, mask), mask)
+
+    def stem(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The conv that reads the fbank itself: (B, F, T) -> (B, m_channels, F, T)."""
         h = apply_mask(x.unsqueeze(1), mask)  # caller's padding values are arbitrary
-        h = conv_bn(self.conv1, self.bn1, h, "relu")
+        return conv_bn(self.conv1, self.bn1, h, "relu")
+
+    def body(self, h: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         for unit in self.layer1:
             h = unit(h, mask)
         for unit in self.layer2:
@@ -190,6 +196,8 @@ class _ContextGate(nn.Module):
         if pad is None:
             return x.mean(-1, keepdim=True) + F.avg_pool1d(
                 x, SEGMENT_FRAMES, SEGMENT_FRAMES, ceil_mode=True)
+        if torch.jit.is_tracing():
+            return _ContextGate._segment_context_traced(x, pad)
         b, t = x.shape[0], x.shape[-1]
         full = t // SEGMENT_FRAMES  # whole segments, summed through a view (no padded copy of x)
         sums = x[..., :full * SEGMENT_FRAMES].unflatten(-1, (full, SEGMENT_FRAMES)).sum(-1, dtype=torch.float32)
@@ -200,6 +208,14 @@ class _ContextGate(nn.Module):
         seg_mean = sums / pad.seg_frames.view(*lead, -1)
         utt_mean = x.sum(-1, keepdim=True, dtype=torch.float32) / pad.frames.view(*lead, 1)
         return (utt_mean + seg_mean).to(x.dtype)
+
+    @staticmethod
+    def _segment_context_traced(x: torch.Tensor, pad: _Padding) -> torch.Tensor:
+        """The same without Python branches on the length, for a traced export (backends.py) that
+        must serve every length: zero-pad time to whole segments, then one reshape and sum."""
+        n_seg = pad.seg_frames.shape[-1]
+        sums = F.pad(x, (0, n_seg * SEGMENT_FRAMES - x.shape[-1])).unflatten(-1, (n_seg, SEGMENT_FRAMES)).sum(-1)
+        return sums / pad.seg_frames + x.sum(-1, keepdim=True) / pad.frames
 
     @staticmethod
     def _segment_context_time_major(x: torch.Tensor, pad: Optional[_Padding]) -> torch.Tensor:
@@ -228,6 +244,9 @@ class _ContextGate(nn.Module):
         local = conv_bn(self.linear_local, None, x)
         ctx = self._segment_context(x, pad)
         gate = conv_bn(self.linear2, None, conv_bn(self.linear1, None, ctx, 'relu'), 'sigmoid')  # (B, out, [1,] S)
+        if torch.jit.is_tracing():  # an export: one gather serves every length
+            segment = torch.arange(local.shape[-1], device=local.device) // SEGMENT_FRAMES
+            return local * gate.index_select(-1, segment)
         if gate.shape[-1] > 1:  # one gate per segment -> one per frame
             if local.dim() == 4:  # expand in local's channels-last order, so the product streams
                 gate = gate.permute(0, 2, 3, 1).unsqueeze(3).expand(-1, -1, -1, SEGMENT_FRAMES, -1)
@@ -349,7 +368,7 @@ class _Trunk(nn.Module):
 
     @staticmethod
     def _padding(lengths: torch.Tensor, t: int) -> _Padding:
-        n_seg = -(-t // SEGMENT_FRAMES)
+        n_seg = (t + SEGMENT_FRAMES - 1) // SEGMENT_FRAMES  # no floor division of negatives: exporters truncate
         starts = torch.arange(n_seg, device=lengths.device) * SEGMENT_FRAMES
         per_seg = (lengths.unsqueeze(1) - starts).clamp(0, SEGMENT_FRAMES)
         # Segments entirely in the padding hold only zeros: divide by 1 rather than 0.
@@ -392,14 +411,30 @@ class CAMPPlus(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-        t = x.shape[1]
-        if lengths is not None:
-            # Checked where the lengths are (the host, from the pipeline), before they move: on a
-            # GPU, reading a device tensor back would stall the queue of work at every batch.
-            if bool((lengths == t).all()):
-                lengths = None  # nothing padded: skip all mask work
-            else:
-                lengths = lengths.to(device=x.device, dtype=torch.long, non_blocking=True)
+        return self.forward_body(self.forward_stem(x, lengths), lengths)
+
+    @staticmethod
+    def _padded(lengths: Optional[torch.Tensor], t: int, device) -> Optional[torch.Tensor]:
+        """``lengths`` as long on ``device``, or None when nothing is padded (skips all mask work)."""
+        if lengths is None:
+            return None
+        # Checked where the lengths are (the host, from the pipeline), before they move: on a
+        # GPU, reading a device tensor back would stall the queue of work at every batch.
+        if not torch.jit.is_tracing() and bool((lengths == t).all()):
+            return None
+        return lengths.to(device=device, dtype=torch.long, non_blocking=True)
+
+    def forward_stem(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, T, F) fbank -> the first conv's map (B, C, F, T). The split lets an exported body
+        (speakerlab/backends.py) run in bf16 while this conv, where bf16 costs the most accuracy,
+        stays fp32 in torch."""
+        lengths = self._padded(lengths, x.shape[1], x.device)
+        mask = None if lengths is None else lengths_to_mask(lengths, x.shape[1])
+        return self.head.stem(x.transpose(1, 2), mask)  # (B, T, F) -> (B, F, T) -> (B, C, F, T)
+
+    def forward_body(self, h: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The rest of the network, on ``forward_stem``'s map."""
+        t = h.shape[-1]
+        lengths = self._padded(lengths, t, h.device)
         mask = None if lengths is None else lengths_to_mask(lengths, t)
-        h = self.head(x.transpose(1, 2), mask)  # (B, T, F) -> (B, F, T) -> (B, C, F', T)
-        return self.xvector(h, lengths)
+        return self.xvector(self.head.body(h, mask), lengths)

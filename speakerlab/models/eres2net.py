@@ -61,10 +61,10 @@ class ERes2Net(ERes2NetTrunk):
         self.fuse_mode123 = AttentionalFeatureFusion(widths[2])
         self.fuse_mode1234 = AttentionalFeatureFusion(widths[3])
 
-    def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (B, T, F) fbank; lengths: (B,) valid frame counts or None. Returns (B, embedding)."""
-        m1, m2, m3, m4 = self.stage_masks(lengths, x.shape[1], x.device)
-        out1 = self.run_stage(self.layer1, self.stem(x, m1), m1)
+    def forward_body(self, h: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """h: the stem's (B, m, F, T) map; lengths: (B,) valid frame counts or None."""
+        m1, m2, m3, m4 = self.stage_masks(lengths, h.shape[-1], h.device)
+        out1 = self.run_stage(self.layer1, h, m1)
         out2 = self.run_stage(self.layer2, out1, m2)
         # The downsampling convs are 3x3 in time: zero the padding of their input first.
         fused = self.fuse_mode12(out2, conv_bn(self.layer1_downsample, None, apply_mask(out1, m1)))

@@ -310,6 +310,20 @@ class ERes2NetTrunk(nn.Module):
         """Create the model-specific bottom-up fusion modules (uses self.m_channels/expansion)."""
         raise NotImplementedError
 
+    def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, T, F) fbank; lengths: (B,) valid frame counts or None. Returns (B, embedding)."""
+        return self.forward_body(self.forward_stem(x, lengths), lengths)
+
+    def forward_stem(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, T, F) fbank -> the stem conv's map (B, m, F, T). The split lets an exported body
+        (speakerlab/backends.py) run in bf16 while this conv, where bf16 costs the most accuracy,
+        stays fp32 in torch."""
+        return self.stem(x, self.stage_masks(lengths, x.shape[1], x.device)[0])
+
+    def forward_body(self, h: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The rest of the network on ``forward_stem``'s map (the stem keeps the time length)."""
+        raise NotImplementedError
+
     # -- helpers for forward -----------------------------------------------------------------
 
     @staticmethod
@@ -318,7 +332,7 @@ class ERes2NetTrunk(nn.Module):
         if lengths is None:
             return [None] * len(STAGE_STRIDES)
         # Check on the lengths' own device (usually CPU: no GPU sync) before moving them.
-        if bool((lengths >= num_frames).all()):
+        if not torch.jit.is_tracing() and bool((lengths >= num_frames).all()):
             return [None] * len(STAGE_STRIDES)
         lengths = lengths.to(device=device, dtype=torch.long, non_blocking=True).clamp(max=num_frames)
         masks = []

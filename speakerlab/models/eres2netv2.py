@@ -46,10 +46,10 @@ class ERes2NetV2(ERes2NetTrunk):
         self.layer3_ds = nn.Conv2d(stage3, stage4, kernel_size=3, stride=2, padding=1, bias=False)
         self.fuse34 = AttentionalFeatureFusion(stage4, r=4)
 
-    def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (B, T, F) fbank; lengths: (B,) valid frame counts or None. Returns (B, embedding)."""
-        m1, m2, m3, m4 = self.stage_masks(lengths, x.shape[1], x.device)
-        out = self.run_stage(self.layer1, self.stem(x, m1), m1)
+    def forward_body(self, h: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """h: the stem's (B, m, F, T) map; lengths: (B,) valid frame counts or None."""
+        m1, m2, m3, m4 = self.stage_masks(lengths, h.shape[-1], h.device)
+        out = self.run_stage(self.layer1, h, m1)
         out = self.run_stage(self.layer2, out, m2)
         out3 = self.run_stage(self.layer3, out, m3)
         out4 = self.run_stage(self.layer4, out3, m4)

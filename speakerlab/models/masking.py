@@ -47,6 +47,8 @@ def apply_mask_(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     whole map by the mask: for CAM++'s 2-D head that was 4% of the model's time."""
     if mask is None:
         return x
+    if torch.jit.is_tracing():  # an export (backends.py): no lengths baked in, no in-place op on a view
+        return x * _broadcast_mask(mask, x)
     if x.device.type != "cpu":
         return x.mul_(_broadcast_mask(mask, x))
     total = mask.shape[1]

@@ -1,0 +1,171 @@
+"""Optional CPU engines for the model, exported from our own modules (``pip install .[openvino]``).
+
+The torch path stays the reference and the fallback. OpenVINO runs the same network faster on CPU
+(its own graph fusion and kernels; measured in bench/, see README "Throughput"): the body of the
+model -- everything after the first conv, which reads the fbank -- is traced from our modules
+(``forward_body``, padding masked exactly as in torch, dynamic batch and length) and converted
+once per model, torch and OpenVINO version into ``$SPEAKERLAB_CACHE/openvino/``. The first conv
+stays in torch in fp32, as the torch path keeps it under bf16 (rounding the fbank is where most of
+bf16's error comes from: OpenVINO all-bf16 gave CAM++ cosine 0.99924 to fp32 on real speech, with
+the fp32 stem 0.99964, the same as torch bf16).
+"""
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+log = logging.getLogger("speakerlab")
+
+BACKENDS = ("torch", "openvino")
+# Bumped when the exported graph changes, so cached exports are redone.
+EXPORT_VERSION = 1
+PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+
+
+class BackendError(RuntimeError):
+    pass
+
+
+def openvino_version() -> Optional[str]:
+    """OpenVINO's version when it is installed and imports, else None."""
+    try:
+        import openvino
+    except Exception:  # not installed, or a broken install: the torch path serves
+        return None
+    return getattr(openvino, "__version__", None) or openvino.get_version()
+
+
+def openvino_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin offers bf16 inference here."""
+    try:
+        import openvino as ov
+        caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:
+        return False
+    return "BF16" in [str(c).upper() for c in caps]
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """sha1 of the model class, its tensors' names, shapes and bytes: the model's identity in caches."""
+    digest = hashlib.sha1(type(model).__name__.encode())
+    for name, tensor in model.state_dict().items():
+        array = tensor.detach().cpu().contiguous().numpy()
+        digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+class _Body(torch.nn.Module):
+    """What is traced: the model after its first conv."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_body(h, lengths)
+
+
+def _fresh_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """An unfused, contiguous, fp32 copy with the same weights (the running model may be fused,
+    channels-last and wrapped for autocast; the exporter sees plain ops)."""
+    import copy
+    fresh = copy.deepcopy(model).float().eval()
+    for module in fresh.modules():
+        module.__dict__.pop("forward", None)  # embedder.keep_feature_convs_fp32's wrappers
+        for attr in ("_speakerlab_fuse", "_speakerlab_folded", "_speakerlab_keep_fp32"):
+            module.__dict__.pop(attr, None)
+    return fresh.to(memory_format=torch.contiguous_format)
+
+
+def export_openvino(model: torch.nn.Module, path: Path) -> None:
+    """Trace ``model.forward_body`` on a padded example batch and save OpenVINO IR at ``path`` (.xml)."""
+    import openvino as ov
+    fresh = _fresh_copy(model)
+    feat_dim = int(getattr(fresh, "feat_dim", 80))
+    frames = 437  # two segments and a partial third for CAM++; odd, so every stride rounds
+    with torch.no_grad():
+        feats = torch.randn(2, frames, feat_dim, generator=torch.Generator().manual_seed(0))
+        lengths = torch.tensor([frames, 300])
+        h = fresh.forward_stem(feats, lengths)
+        with warnings.catch_warnings():  # the tracer's notes on shape arithmetic: handled in the models
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(_Body(fresh), (h, lengths), check_trace=False)
+            converted = ov.convert_model(traced, example_input=(h, lengths), input=[
+                (ov.PartialShape([-1, h.shape[1], h.shape[2], -1]), ov.Type.f32),
+                (ov.PartialShape([-1]), ov.Type.i64)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
+        staged = Path(tmp) / path.name
+        ov.save_model(converted, str(staged), compress_to_fp16=False)
+        os.replace(staged.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(staged, path)  # the .xml last: its presence means the pair is complete
+
+
+def export_path(model: torch.nn.Module, digest: Optional[str] = None) -> Path:
+    from speakerlab.zoo import cache_dir
+    key = hashlib.sha1(f"{digest or model_digest(model)}|torch {torch.__version__}|openvino {openvino_version()}"
+                       f"|export {EXPORT_VERSION}".encode()).hexdigest()[:20]
+    return cache_dir() / "openvino" / key / "body.xml"
+
+
+class OpenVINOBody:
+    """``model.forward_body`` compiled by OpenVINO for ``precision`` (fp32 | bf16).
+
+    ``streams`` threads may call it at once (the pipeline's model streams): each calling thread gets
+    its own infer request, and the compiled model has that many streams of ``threads`` threads.
+    """
+
+    def __init__(self, model: torch.nn.Module, precision: str, streams: int = 1, threads: int = 1,
+                 digest: Optional[str] = None):
+        import openvino as ov
+        if precision not in PRECISIONS:
+            raise BackendError(f"openvino backend runs fp32 or bf16, not {precision}")
+        path = export_path(model, digest)
+        if not path.is_file():
+            log.info("exporting the model body to OpenVINO (once per model and version): %s", path.parent)
+            export_openvino(model, path)
+        core = ov.Core()
+        core.set_property({"CACHE_DIR": str(path.parent / "compiled")})  # compiled blobs: faster start-up
+        self.precision = precision
+        self.path = path
+        self.compiled = core.compile_model(str(path), "CPU", {
+            "INFERENCE_PRECISION_HINT": PRECISIONS[precision],
+            "NUM_STREAMS": max(1, streams),
+            "INFERENCE_NUM_THREADS": max(1, streams) * max(1, threads),
+            "PERFORMANCE_HINT": "LATENCY" if streams <= 1 else "THROUGHPUT",
+        })
+        # One infer request per calling thread, held here (not in thread-local storage, which a
+        # finished thread would tear down apart from the compiled model they belong to).
+        self._requests = {}
+        self._lock = threading.Lock()
+
+    def _request(self):
+        ident = threading.get_ident()
+        request = self._requests.get(ident)
+        if request is None:
+            with self._lock:
+                request = self._requests[ident] = self.compiled.create_infer_request()
+        return request
+
+    def close(self) -> None:
+        """Requests before the compiled model they came from."""
+        self._requests.clear()
+        self.compiled = None
+
+    def __del__(self):
+        self.close()
+
+    def __call__(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        request = self._request()
+        h = h.detach().float().contiguous().cpu().numpy()
+        lengths = lengths.detach().to(torch.int64).cpu().numpy()
+        out = request.infer([h, lengths], share_inputs=True)[0]
+        return torch.from_numpy(np.array(out, dtype=np.float32))
