@@ -60,7 +60,7 @@ def candidates(dtype: str, backend: str) -> List[Tuple[str, str]]:
     if backend in ("auto", "torch"):
         dtypes = ["fp32"] + (["bf16"] if mkldnn_bf16_supported() else []) if dtype == "auto" else [dtype]
         out += [("torch", d) for d in dtypes]
-    if backend in ("auto", "openvino") and openvino_version() is not None:
+    if backend == "openvino" and openvino_version() is not None:  # opt-in: see README (OpenVINO backend)
         dtypes = ["fp32"] + (["bf16"] if openvino_bf16() else []) if dtype == "auto" else [dtype]
         out += [("openvino", d) for d in dtypes if d in ("fp32", "bf16")]
     return out
