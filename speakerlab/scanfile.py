@@ -128,6 +128,20 @@ def _write_header_columns(archive, prefix: str, rows) -> None:
 
 
 # --- reading -------------------------------------------------------------------------------
+# The record's fields and the JSON types a reader relies on: valid JSON of another shape (a damaged or
+# hand-edited file) is "unreadable", never an AttributeError deep in a reader.
+META_TYPES = {"data_root": (str, type(None)), "source": (dict, type(None)), "ignored": (int, dict, list),
+              "errors": list, "renames": list, "count": int, "group_rows": int}
+
+
+def check_meta(meta) -> None:
+    if not isinstance(meta, dict):
+        raise ValueError(f"the scan record is a {type(meta).__name__}, not an object")
+    for name, types in META_TYPES.items():
+        if name in meta and not isinstance(meta[name], types):
+            raise ValueError(f"the scan record's {name!r} is a {type(meta[name]).__name__}")
+
+
 class ScanFile:
     """An open scan file: meta at once, rows on demand."""
 
@@ -139,6 +153,7 @@ class ScanFile:
             raise ValueError(f"not a scan file ({exc})") from None
         try:
             self.meta = json.loads(self._npz["meta"].tobytes().decode("utf-8"))
+            check_meta(self.meta)
             if self.meta.get("format") != FORMAT:
                 raise ValueError(f"unknown scan format {self.meta.get('format')!r}")
             self.count = int(self.meta["count"])

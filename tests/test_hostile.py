@@ -1,6 +1,8 @@
 """Hostile-user cases found in review (issues 11, 13, 15): each reproduces a break seen with the real
 commands, on tiny trees."""
 import json
+
+import numpy as np
 import sys
 from pathlib import Path
 
@@ -86,13 +88,13 @@ def test_a_clean_up_killed_at_any_step_can_be_rerun(tmp_path, model, monkeypatch
 
 def test_empty_rank_dirs_left_by_a_killed_clean_up_do_not_block_a_rerun(tmp_path, model):
     """After stage 3 was killed past the scan, only empty rank dirs (and its record) are left: rerunning the
-    whole command must extract again, not refuse with 'holds rank results but no scan.json'."""
+    whole command must extract again, not refuse with 'holds rank results but no scan file'."""
     data = make_tree(tmp_path / "data")
     run = tmp_path / "tmp"
     (run / "rank_00" / "parts").mkdir(parents=True)
     r = run_cli(extract_cmd(data, run, *model, "--num_workers", "0"))
     assert r.returncode == 0, r.stderr
-    (run / "scan.json").unlink()
+    (run / "scan.npz").unlink()
     (run / "rank_00" / "embeddings.npz").rename(tmp_path / "moved.npz")  # a rank with a file: still refused
     r = run_cli(extract_cmd(data, run, *model, "--num_workers", "0"))
     assert r.returncode == 2 and "holds rank results (rank_00)" in r.stderr, r.stderr
@@ -145,7 +147,7 @@ def test_configs_with_a_repeated_key_or_a_huge_integer_are_one_line(tmp_path, ta
 @pytest.mark.parametrize("name, damage", [
     ("metadata.json", lambda d: [d]), ("metadata.json", lambda d: "x"),
     ("metadata.json", lambda d: {**d, "run_id": [1]}), ("metadata.json", lambda d: {**d, "fingerprint": 5}),
-    ("scan.json", lambda d: {**d, "source": "x"}), ("scan.json", lambda d: {**d, "renames": 5})])
+    ("scan.npz", lambda d: {**d, "source": "x"}), ("scan.npz", lambda d: {**d, "renames": 5})])
 def test_run_dir_files_of_the_wrong_shape_are_one_line_and_a_rerun_repairs_metadata(merged, tmp_path, model,
                                                                                      name, damage):
     """Valid JSON of the wrong shape in scan.json or a rank's metadata.json was an AttributeError /
@@ -155,17 +157,25 @@ def test_run_dir_files_of_the_wrong_shape_are_one_line_and_a_rerun_repairs_metad
     run = tmp_path / "tmp"
     shutil.copytree(merged[0], run)
     path = run / ("rank_00" if name == "metadata.json" else "") / name
-    path.write_text(json.dumps(damage(json.loads(path.read_text()))))
+    if name == "metadata.json":
+        path.write_text(json.dumps(damage(json.loads(path.read_text()))))
+    else:  # the scan file's record is a JSON member of the npz
+        with np.load(path) as archive:
+            members = {member: archive[member] for member in archive.files}
+        record = json.loads(members["meta"].tobytes().decode("utf-8"))
+        members["meta"] = np.frombuffer(json.dumps(damage(record)).encode("utf-8"), dtype=np.uint8)
+        np.savez(path, **members)
     r = run_cli(merge_cmd(run, tmp_path / "final"))
     assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr
     assert name in r.stderr.strip().splitlines()[-1]
-    data = Path(json.loads((merged[0] / "scan.json").read_text())["data_root"])
+    with np.load(merged[0] / "scan.npz") as archive:
+        data = Path(json.loads(archive["meta"].tobytes().decode("utf-8"))["data_root"])
     r = run_cli(extract_cmd(data, run, *model, "--num_workers", "0"))
     assert "Traceback" not in r.stderr, r.stderr
     if name == "metadata.json":
         assert r.returncode == 0 and run_cli(merge_cmd(run, tmp_path / "final")).returncode == 0
     else:
-        assert r.returncode == 1 and "scan.json is unreadable" in r.stderr
+        assert r.returncode == 1 and "scan.npz is unreadable" in r.stderr
 
 
 @pytest.mark.parametrize("flag, value", [("--batch_size", "0"), ("--batch_size", "-3"), ("--num_workers", "-5"),
