@@ -151,16 +151,16 @@ def measure(embedder, options: List[Tuple[str, str]], streams: int) -> Tuple[dic
     return ({"/".join(o): round(1000 * min(v), 2) for o, v in timings.items()}, cosines)
 
 
-def choose_engine(embedder, dtype: str, backend: str, streams: int = 1) -> dict:
+def choose_engine(embedder, dtype: str, backend: str, streams: int = 1, gpu_default=None) -> dict:
     """Resolve ``dtype`` / ``backend`` ("auto" or given) for ``embedder``, switch it to the choice and
-    return the record of what was chosen and why (metadata.json's "engine")."""
+    return the record of what was chosen and why (metadata.json's "engine"). ``gpu_default(device)``
+    gives auto's dtype off CPU (the embedder's rule; passed in, so this module never imports it)."""
     from speakerlab.backends import BackendError, openvino_version
-    from speakerlab.embedder import default_dtype
     device = embedder.device
     if device.type != "cpu":
         if backend == "openvino":
             raise ValueError("the openvino backend runs on CPU only; use --backend torch (or auto) on GPU")
-        chosen = default_dtype(device) if dtype == "auto" else dtype
+        chosen = gpu_default(device) if dtype == "auto" else dtype
         embedder.use_engine("torch", chosen)
         return {"backend": "torch", "dtype": chosen,
                 "why": "given" if dtype != "auto" else "GPU default (see README)"}
@@ -184,7 +184,7 @@ def choose_engine(embedder, dtype: str, backend: str, streams: int = 1) -> dict:
         except BackendError:
             cached = None
         else:
-            log.info("auto: %s/%s, fastest here when measured on %s (%s)", chosen[0], chosen[1],
+            log.debug("auto: %s/%s, fastest here when measured on %s (%s)", chosen[0], chosen[1],
                      cached.get("measured", "?"), cache)
             return {**cached, "why": f"fastest when measured on {cached.get('measured', '?')} (read from {cache})",
                     **record}
@@ -199,6 +199,6 @@ def choose_engine(embedder, dtype: str, backend: str, streams: int = 1) -> dict:
               "probe_s": PROBE_SECONDS, "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "measure_s": round(time.perf_counter() - started, 2)}
     _write_cache(cache, result)
-    log.info("auto: %s/%s, fastest of %s on this machine (ms per %.0f s probe: %s)", chosen[0], chosen[1],
+    log.debug("auto: %s/%s, fastest of %s on this machine (ms per %.0f s probe: %s)", chosen[0], chosen[1],
              ", ".join(record["candidates"]), PROBE_SECONDS, ms)
     return {**result, "why": f"fastest measured on this machine now (saved in {cache})", **record}

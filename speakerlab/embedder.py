@@ -196,7 +196,7 @@ class Embedder:
         # fp32 means fp32 on CUDA (no TF32): the fbank, the conv reading it, and --dtype fp32
         self.exact_fp32 = device.type == "cuda"
         from speakerlab.calibration import choose_engine
-        self.choice = choose_engine(self, dtype, backend, streams)
+        self.choice = choose_engine(self, dtype, backend, streams, gpu_default=default_dtype)
 
     @property
     def model_digest(self) -> str:
