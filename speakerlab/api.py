@@ -21,7 +21,7 @@ import numpy as np
 
 from speakerlab.audio import AudioError, finish_wave, load_audio
 
-from speakerlab.vectors import Match, cosine, top as _top  # noqa: F401 (Match and cosine are API names)
+from speakerlab.vectors import Match, cosine, query_vector, top as _top  # noqa: F401 (Match and cosine are API names)
 
 
 def _is_pair(item) -> bool:
@@ -340,10 +340,7 @@ class EmbeddingSet:
             if os.path.isfile(text):
                 return self.model().embed(text), None, None
             raise KeyError(f"{text!r} is not an utterance key, a speaker key or an audio file of this set")
-        vector = np.asarray(query.detach().cpu() if hasattr(query, "detach") else query, dtype=np.float32)
-        if vector.ndim != 1 or vector.shape[0] != self.dim:
-            raise ValueError(f"query vector must have shape ({self.dim},), not {vector.shape}")
-        return vector, None, None
+        return query_vector(query, self.dim), None, None
 
     def embedding(self, query) -> np.ndarray:
         """The vector of an utterance key, speaker key or audio file (embedded with ``model()`` if new)."""

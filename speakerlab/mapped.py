@@ -273,10 +273,8 @@ class MappedEmbeddingSet:
                     return self._resolve(found)
                 return self.model().embed(text), None, None
             raise KeyError(f"{text!r} is not an utterance key, a speaker key or an audio file of this set")
-        vector = np.asarray(query.detach().cpu() if hasattr(query, "detach") else query, dtype=np.float32)
-        if vector.ndim != 1 or vector.shape[0] != self.dim:
-            raise ValueError(f"query vector must have shape ({self.dim},), not {vector.shape}")
-        return vector, None, None
+        from speakerlab.vectors import query_vector
+        return query_vector(query, self.dim), None, None
 
     def find_path(self, path) -> Optional[str]:
         """Utterance key of an audio file of this set (reads the list: linear in the set's size)."""

@@ -14,6 +14,14 @@ def cosine(a, b) -> float:
     return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
 
 
+def query_vector(query, dim: int) -> np.ndarray:
+    """A query given as a vector (numpy or torch) as float32 (dim,), or a ValueError."""
+    vector = np.asarray(query.detach().cpu() if hasattr(query, "detach") else query, dtype=np.float32)
+    if vector.ndim != 1 or vector.shape[0] != dim:
+        raise ValueError(f"query vector must have shape ({dim},), not {vector.shape}")
+    return vector
+
+
 def top(keys: Sequence[str], scores: np.ndarray, keep: np.ndarray, k: int) -> List[Match]:
     """The k best of ``scores`` where ``keep``, highest first (ties in key order)."""
     candidates = np.flatnonzero(keep)
