@@ -423,9 +423,9 @@ def phase_peers(args) -> dict:
             converted = ov.convert_model(traced, example_input=example, input=[
                 (ov.PartialShape([-1, -1, config.fbank_dim]), ov.Type.f32), (ov.PartialShape([-1]), ov.Type.i64)])
             for precision in ["f32"] + (["bf16"] if backends.openvino_bf16() else []):
-                compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": precision,
-                                                                       "INFERENCE_NUM_THREADS": threads,
-                                                                       "PERFORMANCE_HINT": "LATENCY"})
+                compiled = backends.openvino_core().compile_model(converted, "CPU", {  # one Core: backends.py
+                    "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads,
+                    "PERFORMANCE_HINT": "LATENCY"})
                 request = compiled.create_infer_request()
                 runs[f"openvino {ov.__version__.split('-')[0]} {precision}"] = (
                     lambda r=request: r.infer([feats.numpy(), lengths.numpy()]))

@@ -42,11 +42,41 @@ def openvino_version() -> Optional[str]:
     return getattr(openvino, "__version__", None) or openvino.get_version()
 
 
+_core = None
+_core_lock = threading.Lock()
+
+
+def openvino_core():
+    """The process's one ``openvino.Core``, made on first use and never destroyed.
+
+    Why one, kept for good: each Core loads its own CPU plugin, and the plugin's constructor swaps
+    the calling thread's alternate signal stack (sigaltstack) for a fresh mmap'd one, while its
+    destructor munmaps that stack and restores the previous one only when its own is still current.
+    Two Cores released out of order (A, B made; A freed, then B) leave the thread's signal stack
+    pointing at A's unmapped memory; the next signal with a Python handler (Python installs them
+    SA_ONSTACK: the DataLoader's SIGCHLD when a decode worker or any child exits) then kills the
+    process, or, once that address is mapped again, writes its frame over live data -- the
+    intermittent segfault of issue 14 (a pytest process that had calibrated OpenVINO died in a
+    later test when a child process exited). One Core, never freed, keeps the plugin's stack
+    mapped until the process ends; a reference held by the interpreter itself (not only by this
+    module) keeps interpreter shutdown from freeing it while DataLoader workers are still reaped.
+    """
+    global _core
+    if _core is None:
+        with _core_lock:
+            if _core is None:
+                import ctypes
+                import openvino as ov
+                core = ov.Core()
+                ctypes.pythonapi.Py_IncRef(ctypes.py_object(core))  # immortal: see above
+                _core = core
+    return _core
+
+
 def openvino_bf16() -> bool:
     """Whether OpenVINO's CPU plugin offers bf16 inference here."""
     try:
-        import openvino as ov
-        caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        caps = openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     except Exception:
         return False
     return "BF16" in [str(c).upper() for c in caps]
@@ -125,18 +155,19 @@ class OpenVINOBody:
 
     def __init__(self, model: torch.nn.Module, precision: str, streams: int = 1, threads: int = 1,
                  digest: Optional[str] = None):
-        import openvino as ov
         if precision not in PRECISIONS:
             raise BackendError(f"openvino backend runs fp32 or bf16, not {precision}")
+        if openvino_version() is None:
+            raise BackendError("the openvino backend needs OpenVINO: pip install .[openvino] (or openvino)")
         path = export_path(model, digest)
         if not path.is_file():
             log.info("exporting the model body to OpenVINO (once per model and version): %s", path.parent)
             export_openvino(model, path)
-        core = ov.Core()
-        core.set_property({"CACHE_DIR": str(path.parent / "compiled")})  # compiled blobs: faster start-up
         self.precision = precision
         self.path = path
-        self.compiled = core.compile_model(str(path), "CPU", {
+        self.compiled = openvino_core().compile_model(str(path), "CPU", {
+            "CACHE_DIR": str(path.parent / "compiled"),  # compiled blobs: faster start-up
+            # explicit both ways: OpenVINO's CPU default is bf16 where the CPU has it
             "INFERENCE_PRECISION_HINT": PRECISIONS[precision],
             "NUM_STREAMS": max(1, streams),
             "INFERENCE_NUM_THREADS": max(1, streams) * max(1, threads),

@@ -7,8 +7,11 @@ same flags bf16 was 1.5x faster; OpenVINO beat torch on both. So the candidates 
 the real model on a 1 s speech-like input, interleaved so a burst of other load hits all alike, and
 the fastest wins. A candidate whose embedding is not within cosine 0.999 of torch fp32 on that input
 is never chosen. The choice is cached per machine (CPU model and flags), model (its weights' digest),
-and library versions in ``$SPEAKERLAB_CACHE/calibration/``; measuring takes well under a second on a
-quiet machine (ERes2NetV2 about 0.7 s) the first time, nothing afterwards. Explicit ``--dtype`` / ``--backend`` values are never overridden.
+and library versions in ``$SPEAKERLAB_CACHE/calibration/``; measuring the torch candidates takes well
+under a second on a quiet machine (ERes2NetV2 about 0.7 s) the first time, nothing afterwards. With
+OpenVINO the first time also exports and compiles the model (seconds, once per model and version:
+CAM++ 9.6 s under load, mostly ``convert_model``; recorded as ``build_s``). Explicit ``--dtype`` /
+``--backend`` values are never overridden.
 """
 import hashlib
 import json
@@ -26,7 +29,8 @@ import torch
 log = logging.getLogger("speakerlab")
 
 PROBE_SECONDS = 1.0
-MIN_COSINE = 0.999
+MIN_COSINE = 0.999  # to torch fp32, for a reduced-precision candidate
+MIN_COSINE_FP32 = 0.9999  # for an fp32 one (another engine's fp32 must be fp32's numbers)
 ROUNDS = 3
 BUDGET_S = 0.25  # stop after 2 rounds when one round costs more than this
 CALIBRATION_VERSION = 2
@@ -60,7 +64,9 @@ def candidates(dtype: str, backend: str) -> List[Tuple[str, str]]:
     if backend in ("auto", "torch"):
         dtypes = ["fp32"] + (["bf16"] if mkldnn_bf16_supported() else []) if dtype == "auto" else [dtype]
         out += [("torch", d) for d in dtypes]
-    if backend == "openvino" and openvino_version() is not None:  # opt-in: see README (OpenVINO backend)
+    # OpenVINO too when installed: it is safe in-process since backends.openvino_core (one Core,
+    # never freed) and faster than torch on both CPUs measured (README "Throughput")
+    if backend in ("auto", "openvino") and openvino_version() is not None:
         dtypes = ["fp32"] + (["bf16"] if openvino_bf16() else []) if dtype == "auto" else [dtype]
         out += [("openvino", d) for d in dtypes if d in ("fp32", "bf16")]
     return out
@@ -114,19 +120,29 @@ def _engine(embedder, backend: str, dtype: str, streams: int):
                         digest=embedder.model_digest)
 
 
+def min_cosine(option: Tuple[str, str]) -> float:
+    return MIN_COSINE_FP32 if option[1] == "fp32" else MIN_COSINE
+
+
 def measure(embedder, options: List[Tuple[str, str]], streams: int) -> Tuple[dict, dict]:
     """Time each (backend, dtype) on the probe; returns ({name: best ms}, {name: cosine to torch fp32})
-    and leaves the engines it built on ``embedder._calibration_engines``."""
+    and leaves the engines it built on ``embedder._calibration_engines`` and the seconds each took
+    to build (an OpenVINO export and compile: once per machine, model and version, then cached) on
+    ``embedder._calibration_build_s``."""
     rate = embedder.fbank.config.sample_rate
     wave = torch.from_numpy(probe_wave(PROBE_SECONDS, rate))[None]
     feats, frames = embedder.fbank(wave, torch.tensor([wave.shape[1]]))
-    engines = {}
+    engines, build_s = {}, {}
     for option in list(options):
+        started = time.perf_counter()
         try:
             engines[option] = _engine(embedder, *option, streams)
         except Exception as exc:  # an export or compile that fails drops the candidate, not the run
             log.warning("auto: %s/%s unavailable (%s); not a candidate", *option, str(exc).splitlines()[0])
             options.remove(option)
+            continue
+        if engines[option] is not None:
+            build_s["/".join(option)] = round(time.perf_counter() - started, 2)
 
     def run(option):
         embedder.use_engine(option[0], option[1], engines[option])
@@ -148,6 +164,7 @@ def measure(embedder, options: List[Tuple[str, str]], streams: int) -> Tuple[dic
         if index >= 1 and time.perf_counter() - started > BUDGET_S:
             break
     embedder._calibration_engines = engines
+    embedder._calibration_build_s = build_s
     return ({"/".join(o): round(1000 * min(v), 2) for o, v in timings.items()}, cosines)
 
 
@@ -155,7 +172,7 @@ def choose_engine(embedder, dtype: str, backend: str, streams: int = 1, gpu_defa
     """Resolve ``dtype`` / ``backend`` ("auto" or given) for ``embedder``, switch it to the choice and
     return the record of what was chosen and why (metadata.json's "engine"). ``gpu_default(device)``
     gives auto's dtype off CPU (the embedder's rule; passed in, so this module never imports it)."""
-    from speakerlab.backends import BackendError, openvino_version
+    from speakerlab.backends import openvino_version
     device = embedder.device
     if device.type != "cpu":
         if backend == "openvino":
@@ -181,7 +198,9 @@ def choose_engine(embedder, dtype: str, backend: str, streams: int = 1, gpu_defa
         chosen = (cached["backend"], cached["dtype"])
         try:
             embedder.use_engine(chosen[0], chosen[1], _engine(embedder, *chosen, streams))
-        except BackendError:
+        except Exception as exc:  # e.g. its export or compiled blob is gone and fails to build: measure anew
+            log.warning("auto: the cached choice %s/%s did not build (%s); measuring again", *chosen,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             cached = None
         else:
             log.debug("auto: %s/%s, fastest here when measured on %s (%s)", chosen[0], chosen[1],
@@ -190,14 +209,17 @@ def choose_engine(embedder, dtype: str, backend: str, streams: int = 1, gpu_defa
                     **record}
     started = time.perf_counter()
     ms, cosines = measure(embedder, options, streams)
-    safe = [o for o in options if cosines["/".join(o)] >= MIN_COSINE]
+    # (with an explicit reduced dtype no candidate may pass: then the closest one serves)
+    safe = [o for o in options if cosines["/".join(o)] >= min_cosine(o)] or [
+        max(options, key=lambda o: cosines["/".join(o)])]
     chosen = min(safe, key=lambda o: ms["/".join(o)])
     engine = embedder._calibration_engines[chosen]
-    del embedder._calibration_engines  # the losers' compiled models go
+    build_s = embedder._calibration_build_s
+    del embedder._calibration_engines, embedder._calibration_build_s  # the losers' compiled models go
     embedder.use_engine(chosen[0], chosen[1], engine)
     result = {"backend": chosen[0], "dtype": chosen[1], "probe_ms": ms, "cosine_to_fp32": cosines,
               "probe_s": PROBE_SECONDS, "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "measure_s": round(time.perf_counter() - started, 2)}
+              "measure_s": round(time.perf_counter() - started, 2), "build_s": build_s}
     _write_cache(cache, result)
     log.debug("auto: %s/%s, fastest of %s on this machine (ms per %.0f s probe: %s)", chosen[0], chosen[1],
              ", ".join(record["candidates"]), PROBE_SECONDS, ms)

@@ -1,6 +1,8 @@
 """Every engine, dtype and layout gives the fp32 torch path's embeddings, for every model family, on
 mixed-length batches; ``auto`` picks among them by measuring (speakerlab/calibration.py)."""
+import gc
 import json
+import sys
 import warnings
 
 import numpy as np
@@ -153,3 +155,153 @@ def test_engine_arguments_are_checked(fixtures_dir, cache, monkeypatch):
         build(fixtures_dir, "campplus_tiny", backend="openvino")
     # without OpenVINO, auto falls back to torch
     assert build(fixtures_dir, "campplus_tiny", dtype="fp32", backend="auto").backend == "torch"
+
+
+def test_without_openvino_auto_measures_torch_only(monkeypatch):
+    monkeypatch.setattr(backends, "openvino_version", lambda: None)
+    assert {b for b, _ in calibration.candidates("auto", "auto")} == {"torch"}
+    assert calibration.candidates("fp32", "auto") == [("torch", "fp32")]
+
+
+def rig_measure(monkeypatch, fastest, cosines=None):
+    """The real measurement (engines built, cosines computed), with ``fastest`` made the fastest and
+    ``cosines`` overriding measured cosines: the choice is then known whatever the load."""
+    real = calibration.measure
+
+    def rigged(embedder, options, streams):
+        ms, cos = real(embedder, options, streams)
+        return {k: (1.0 if k == fastest else 50.0) for k in ms}, {**cos, **(cosines or {})}
+
+    monkeypatch.setattr(calibration, "measure", rigged)
+
+
+@needs_openvino
+@pytest.mark.parametrize("fastest", ["openvino/fp32", "torch/fp32"])
+def test_auto_picks_openvino_or_torch_by_measurement_and_says_why(fixtures_dir, cache, monkeypatch, fastest):
+    rig_measure(monkeypatch, fastest)
+    first = build(fixtures_dir, "campplus_tiny", dtype="auto", backend="auto")
+    choice = first.choice
+    assert f"{first.backend}/{first.dtype}" == fastest and (first.engine is not None) == (first.backend == "openvino")
+    assert {"torch/fp32", "openvino/fp32"} <= set(choice["candidates"]) == set(choice["probe_ms"])
+    assert choice["probe_ms"][fastest] == 1.0 and "measured on this machine now" in choice["why"]
+    assert set(choice["build_s"]) == {c for c in choice["candidates"] if c.startswith("openvino/")}
+    assert all(choice["cosine_to_fp32"][c] >= calibration.MIN_COSINE_FP32 for c in choice["candidates"]
+               if c.endswith("/fp32"))
+    # the next process reads the choice (OpenVINO's export and compiled blob are cached too)
+    second = build(fixtures_dir, "campplus_tiny", dtype="auto", backend="auto")
+    assert (second.backend, second.dtype) == (first.backend, first.dtype) and "read from" in second.choice["why"]
+    assert (second.engine is not None) == (second.backend == "openvino")
+
+
+@needs_openvino
+def test_fp32_from_another_engine_must_be_fp32_close(fixtures_dir, cache, monkeypatch):
+    """--dtype fp32 promises cosine 0.9999 to torch fp32: an engine that is fastest but only 0.9995
+    close (fine for bf16) is not chosen; OpenVINO's own precision hint is f32 when fp32 is asked
+    (its CPU default is bf16 where the CPU has bf16)."""
+    rig_measure(monkeypatch, "openvino/fp32", {"openvino/fp32": 0.9995})
+    assert build(fixtures_dir, "campplus_tiny", dtype="fp32", backend="auto").backend == "torch"
+    engine = build(fixtures_dir, "campplus_tiny", dtype="fp32", backend="openvino").engine
+    assert str(engine.compiled.get_property("INFERENCE_PRECISION_HINT")) in ("<Type: 'float32'>", "f32")
+
+
+def dangling_signal_stack() -> str:
+    """What is wrong with this thread's alternate signal stack (Linux): "" when it is off or mapped."""
+    import ctypes
+
+    class Stack(ctypes.Structure):
+        _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+
+    stack = Stack()
+    if ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack)) != 0 or stack.flags & 2:  # SS_DISABLE
+        return ""
+    try:
+        spans = [[int(x, 16) for x in line.split()[0].split("-")] for line in open("/proc/self/maps")]
+    except OSError:  # not Linux: nothing to check
+        return ""
+    return "" if any(lo <= stack.sp < hi for lo, hi in spans) else f"signal stack at {stack.sp:#x} is unmapped"
+
+
+CORES_RELEASED_OUT_OF_ORDER = r"""
+import gc, os, signal, sys
+from speakerlab import backends
+from speakerlab.config import load_config
+from speakerlab.models import load_model
+
+model = load_model(load_config(sys.argv[1] + "/config.yaml"), sys.argv[1] + "/model.ckpt")
+first = backends.OpenVINOBody(model, "fp32")   # as a calibration does: engines made in turn,
+second = backends.OpenVINOBody(model, "fp32")  # the first (a loser) released first
+del first; gc.collect()
+del second; gc.collect()
+
+from tests.test_backends import dangling_signal_stack
+assert not dangling_signal_stack(), dangling_signal_stack()
+seen = []
+signal.signal(signal.SIGCHLD, lambda *args: seen.append(args[0]))  # as torch's DataLoader does
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0)
+print("survived", len(seen))
+"""
+
+
+@needs_openvino
+def test_openvino_leaves_a_valid_signal_stack(fixtures_dir, cache):
+    """The cause of the segfault that kept OpenVINO out of auto: each ``openvino.Core`` swaps the
+    thread's signal stack and unmaps it when freed, so two released out of order left a dangling
+    one and the next SIGCHLD (a decode worker exiting) killed the process. Run in a child process:
+    a regression kills that child, not the test session."""
+    from tests.helpers import run_cli
+    r = run_cli([sys.executable, "-c", CORES_RELEASED_OUT_OF_ORDER, fixtures_dir / "campplus_tiny"], timeout=300)
+    assert r.returncode == 0 and "survived 1" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+def in_process_extract(argv, monkeypatch):
+    from speakerlab.extract import main
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "SLURM_PROCID", "SLURM_JOB_ID", "SPEAKERLAB_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    return main([str(a) for a in argv])
+
+
+def merged_embeddings(output_dir, final_dir):
+    from speakerlab import merge
+    merge.merge([output_dir], final_dir, ["npz"])
+    with np.load(final_dir / "utterance_embeddings.npz", allow_pickle=False) as data:
+        return dict(zip(map(str, data["keys"]), data["embeddings"]))
+
+
+@needs_openvino
+def test_extraction_forks_decode_workers_after_openvino_ran_here(fixtures_dir, tmp_path, cache, monkeypatch):
+    """The crash as it was met: OpenVINO engines made, run and released (out of order) in this
+    process, then an in-process extraction with decode workers; it completes, and its embeddings
+    are the torch fp32 path's."""
+    from tests.helpers import tiny_model_args, tone, write_wav
+    first = build(fixtures_dir, "campplus_tiny", dtype="fp32", backend="openvino")
+    second = build(fixtures_dir, "campplus_tiny", dtype="fp32", backend="openvino")
+    embed(first, [tone(1.3)])
+    embed(second, [tone(0.9)])
+    del first  # released in the order they were made (as a calibration's loser goes first)
+    gc.collect()
+    del second
+    gc.collect()
+    assert not dangling_signal_stack()  # what made the next child's exit (SIGCHLD) kill the process
+    for i in range(6):
+        write_wav(tmp_path / "data" / "ds" / f"spk{i % 2}" / f"u{i}.wav",
+                  tone(0.5 + 0.45 * i, seed=i, freq=140 + 25 * i))
+    common = ["--data_root", tmp_path / "data", *tiny_model_args(fixtures_dir), "--dtype", "fp32", "--no_progress"]
+    assert in_process_extract([*common, "--output_dir", tmp_path / "ov", "--backend", "openvino",
+                               "--num_workers", "2"], monkeypatch) == 0
+    gc.collect()
+    assert not dangling_signal_stack()
+    meta = json.loads((tmp_path / "ov" / "rank_00" / "metadata.json").read_text())
+    assert meta["engine"]["backend"] == "openvino" and meta["batch_policy"]["num_workers"] == 2
+    # and once its engines are gone, a torch run forks decode workers too (the crash hit a later test)
+    assert in_process_extract([*common, "--output_dir", tmp_path / "torch", "--backend", "torch",
+                               "--num_workers", "2"], monkeypatch) == 0
+    got = merged_embeddings(tmp_path / "ov", tmp_path / "ov_final")
+    want = merged_embeddings(tmp_path / "torch", tmp_path / "torch_final")
+    assert sorted(got) == sorted(want) and len(want) == 6
+    keys = sorted(want)
+    cos = cos_rows([got[k] for k in keys], [want[k] for k in keys])
+    assert cos.min() >= 0.9999, cos.round(6).tolist()

@@ -569,9 +569,10 @@ def test_read_only_output_dir_fails_before_the_model_loads(tmp_path, capsys, mon
 def test_resume_with_other_fusion_is_refused(tmp_path, model, capsys, monkeypatch):
     data = make_tree(tmp_path / "data")
     out = tmp_path / "tmp"
-    code, err = run_extract(data, out, model, capsys, monkeypatch)
+    # --dtype fp32: with auto, fused and unfused may each measure another dtype fastest (also refused)
+    code, err = run_extract(data, out, model, capsys, monkeypatch, "--dtype", "fp32")
     assert code == 0, err
-    code, err = run_extract(data, out, model, capsys, monkeypatch, "--no_fusion")
+    code, err = run_extract(data, out, model, capsys, monkeypatch, "--no_fusion", "--dtype", "fp32")
     assert code == 2 and "was made differently (fused: True -> False)" in err
     meta = json.loads((out / "rank_00" / "metadata.json").read_text())
     assert meta["fingerprint"]["fused"] is True and meta["batch_policy"]["fused"] is True

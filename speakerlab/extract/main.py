@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model precision; auto = bf16 on GPUs of compute capability >= 8.0 (7.x: fp16); on CPU "
                         "the faster of fp32 and bf16, measured on this machine and model (cached; see README)")
     p.add_argument("--backend", choices=["auto"] + list(BACKENDS), default="auto",
-                   help="CPU model engine: torch, or openvino (pip install .[openvino]; opt-in: see README); "
-                        "auto = torch")
+                   help="CPU model engine: torch, or openvino (pip install .[openvino]); auto = the faster, "
+                        "measured with --dtype auto's calibration (OpenVINO when installed and faster)")
     p.add_argument("--length_grid", choices=["auto", "on", "off"], default="auto",
                    help="pad batches to one of 16 lengths per octave (<= 6.25%% more frames; GPU: 8, <= 12.5%%) "
                         "so batch shapes repeat and oneDNN / cuDNN reuse their set-up; auto = on")
