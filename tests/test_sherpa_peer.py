@@ -65,6 +65,21 @@ def test_export_carries_metadata_and_sherpa_embeds_the_fixtures_as_our_model(tmp
     assert [d.dim_param or d.dim_value for d in dims] == ["N", "T", 80]  # batch and length dynamic
 
     wavs = sorted((fixtures_dir / "campplus_sample" / "data").rglob("*.wav"))
+    # the graph is our model: on our own fbank, ONNX Runtime gives torch's embedding (any length)
+    ort = pytest.importorskip("onnxruntime")
+    import torch
+    from speakerlab.audio import load_audio
+    from speakerlab.features import Fbank, FbankConfig
+    from speakerlab.models import load_model
+    model = load_model(config, released_campplus()).eval()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    fbank = Fbank(FbankConfig(sample_rate=16000, num_mel_bins=80))
+    with torch.inference_mode():
+        for wav in wavs[:3]:
+            feats, _ = fbank(torch.from_numpy(load_audio(str(wav), 16000))[None])
+            a, b = model(feats)[0].numpy(), session.run(None, {"x": feats.numpy()})[0][0]
+            assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) >= 0.9999, wav
+
     proc = subprocess.run([sys.executable, "-c", EMBED_FILES, str(ROOT / "bench"), str(path), *map(str, wavs)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
