@@ -16,7 +16,14 @@ weights), measures on the same files:
   (d) peers      -- CPU: the model alone on one 6 s input, batch 1, all cores, interleaved: the fp32
                     reference code, ONNX Runtime fp32 and OpenVINO fp32 / bf16 on an export of the same
                     weights (whatever of them is installed: pip install -c constraints.txt onnxruntime
-                    onnx ".[openvino]"), and ours as ``auto`` chose (``--skip_peers`` leaves it out).
+                    onnx ".[openvino]"), and ours as ``auto`` chose (``--skip_peers`` leaves it out);
+  (e) sherpa-onnx -- CPU: sherpa-onnx's SpeakerEmbeddingExtractor (C++: its own fbank, ONNX Runtime,
+                    2 threads) on an export of the same weights in its format (bench/sherpa_peer.py),
+                    one file at a time over the same files, loop time only: decode (soundfile, first
+                    channel) + soxr resample + its fbank and model; model load and export excluded.
+                    Skipped with a note when it is not installed (pip install -c constraints.txt -r
+                    bench/requirements-sherpa.txt); its fbank differs from the reference's, so it is a
+                    speed peer only (its cosines to (a) are reported, not required).
 
 Before (b), ``auto``'s first-run work (OpenVINO export, calibration) is done once and timed apart, so
 (b) runs with it cached. The CPU's key flags, AMX or not, and what ``auto`` chose are printed.
@@ -33,6 +40,7 @@ workers). Each phase runs in its own process so memory and thread settings do no
     python bench/bench_throughput.py --quick               # ~1-2 min smoke run
     python bench/bench_throughput.py --device cuda:1       # one GPU, (a), (b) and (c) all on GPU 1
     python bench/bench_throughput.py --extract_args "--batch_frames 6000"   # try a setting
+    python bench/bench_throughput.py --phases de           # only the peers: (d) and (e)
 
 Results: a table on stdout and JSON (``--json``, default bench/results/throughput_<device>.json).
 """
@@ -51,6 +59,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "bench"))  # sherpa_peer, also when this file is imported, not run
 
 MODELS = {
     # name: (config, minutes of audio in the full corpus, minutes in --quick)
@@ -431,11 +440,6 @@ def phase_peers(args) -> dict:
                     lambda r=request: r.infer([feats.numpy(), lengths.numpy()]))
         except ImportError as exc:
             notes["openvino"] = f"not installed ({exc})"
-        try:
-            import sherpa_onnx  # noqa: F401
-            notes["sherpa-onnx"] = "installed, but it needs its own model export and fbank: not run here"
-        except ImportError:
-            notes["sherpa-onnx"] = "not installed"
         with torch.inference_mode():
             for run in runs.values():  # warm-up
                 run()
@@ -451,6 +455,28 @@ def phase_peers(args) -> dict:
             "x_real_time": {name: round(6.0 / t, 1) for name, t in best.items()}, "notes": notes}
 
 
+def phase_sherpa(args) -> dict:
+    """(e): sherpa-onnx's SpeakerEmbeddingExtractor (C++: its own fbank, ONNX Runtime, --sherpa_threads
+    threads) on our weights exported in its format (bench/sherpa_peer.py), one file at a time over the
+    same corpus; loop time only (sherpa_peer.WHAT_IS_TIMED). Embeddings go to --_out for the cosines."""
+    import sherpa_peer
+    from speakerlab.config import load_config
+    config = load_config(args.config_file)
+    language = "Chinese, English" if Path(args.model_path).name == "campplus_cn_en_common.pt" else "unknown"
+    onnx_path, export_s, cached = sherpa_peer.cached_export(args.model_path, config, language)
+    extractor = sherpa_peer.make_extractor(onnx_path, args.sherpa_threads)
+    if extractor.dim != config.embedding_size:
+        raise RuntimeError(f"{onnx_path}: sherpa-onnx reports dim {extractor.dim}, the model has "
+                           f"{config.embedding_size}")
+    utterances = list_corpus(Path(args.data_root))
+    sherpa_peer.embed(extractor, sherpa_peer.decode(utterances[0].path, config.sample_rate), config.sample_rate)
+    keys, embs, audio_s, seconds = sherpa_peer.run_loop(extractor, utterances, config.sample_rate)
+    np.savez(args.out, keys=np.array(keys), embeddings=np.stack(embs))
+    return {"version": sherpa_peer.sherpa_version(), "threads": args.sherpa_threads, "loop_s": seconds,
+            "audio_s": audio_s, "files": len(keys), "onnx": str(onnx_path), "export_s": round(export_s, 2),
+            "export_cached": cached, "timed": sherpa_peer.WHAT_IS_TIMED}
+
+
 # (a) runs as the reference does, with oneDNN's own settings: its kernel cache of 1024 entries, not
 # the 16384 that speakerlab sets for the pipeline (a run with that gave CAM++ 73.9x, vs 68.6-71.5x).
 REFERENCE_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}
@@ -461,7 +487,7 @@ def run_phase(name: str, args, model_path, config_file, data_root, out) -> tuple
            "--_config_file", config_file, "--_data_root", data_root, "--_out", out,
            "--device", args.device, "--dtype", args.dtype, "--batches", args.batches,
            "--ceiling_seconds", str(args.ceiling_seconds), "--reference_threads", str(args.reference_threads),
-           "--backend", args.backend]
+           "--backend", args.backend, "--sherpa_threads", str(args.sherpa_threads)]
     env = REFERENCE_ENV if name == "reference" else None
     wall, rss, stdout, _, extra = run_measured(cmd, env=env)
     if env:
@@ -505,20 +531,20 @@ def cosines(ref_file: Path, rank_file: Path):
             "worst_file": common[int(cos.argmin())], "between_files_mean_cosine": float(off.mean())}
 
 
-def bench_model(name: str, args, workdir: Path) -> dict:
-    minutes = MODELS[name][2] if args.quick else MODELS[name][1]
-    if args.minutes is not None:
-        minutes = args.minutes
-    corpus = Path(args.corpus_dir or workdir) / f"corpus_{name}_{minutes:g}min"
-    real = Path(os.environ.get("SPEAKERLAB_FIXTURES", ROOT.parent / "shared" / "fixtures")) / "campplus_sample" / "data"
-    t0 = time.perf_counter()
-    info = build_corpus(corpus, minutes, seed=args.seed, real_dir=real if args.real_speech else None)
-    print(f"[{name}] corpus {corpus}: {info['files']} files, {info['audio_s'] / 60:.1f} min "
-          f"(built/reused in {time.perf_counter() - t0:.1f} s)", flush=True)
-    model_path, config_file = model_files(name, workdir, corpus)
-    result = {"model": name, "model_path": str(model_path), "config": config_file, "corpus": info}
+PHASES = {"a": "reference loop", "b": "pipeline", "c": "model-only ceiling", "d": "model-only peers",
+          "e": "sherpa-onnx"}
 
-    ref_out = workdir / f"reference_{name}.npz"
+
+def chosen_phases(args) -> str:
+    """The phases to run: --phases (letters a-e), less those a --skip_* flag leaves out."""
+    phases = "".join(c for c in args.phases if c in PHASES)
+    for flag, letter in (("skip_ceiling", "c"), ("skip_peers", "d"), ("skip_sherpa", "e")):
+        if getattr(args, flag):
+            phases = phases.replace(letter, "")
+    return phases
+
+
+def bench_reference(name, args, model_path, config_file, corpus, ref_out, result):
     ref, ref_rss, ref_wall = run_phase("reference", args, model_path, config_file, corpus, ref_out)
     result["a_reference"] = {"x_real_time": ref["audio_s"] / ref["seconds"], "loop_s": ref["seconds"],
                              "process_wall_s": ref_wall, "peak_rss_mib": ref_rss, "files": ref["files"],
@@ -527,6 +553,10 @@ def bench_model(name: str, args, workdir: Path) -> dict:
     print(f"[{name}] (a) reference loop: {result['a_reference']['x_real_time']:.1f}x real time "
           f"({ref['seconds']:.1f} s, {ref['threads']} thread(s))", flush=True)
 
+
+def bench_pipeline(name, args, model_path, config_file, corpus, workdir, ref_out, result):
+    """auto's first-run preparation, then (b) (and its --baseline_args variant), interleaved."""
+    info = result["corpus"]
     prep, _, _ = run_phase("prepare", args, model_path, config_file, corpus, workdir / "unused")
     result["first_run_preparation"] = prep
     print(f"[{name}] auto's first-run preparation (export, calibration; cached after): {prep['seconds']:.1f} s",
@@ -554,7 +584,8 @@ def bench_model(name: str, args, workdir: Path) -> dict:
                  "dtype": meta["dtype"], "batch_policy": meta.get("batch_policy"), "engine": meta.get("engine"),
                  "command": " ".join(shlex.quote(str(c)) for c in best["cmd"]),
                  "log": [l for l in best["stderr"].splitlines() if "INFO" in l or "WARN" in l][-6:]}
-        entry.update(cosines(ref_out, RunDir(out_dir).rank_embeddings_path(0)))
+        if ref_out is not None:
+            entry.update(cosines(ref_out, RunDir(out_dir).rank_embeddings_path(0)))
         timing = meta.get("timing") or {}
         entry["steady_x_real_time"] = timing.get("steady_x_real_time")  # start-up and first batch excluded
         entry["timing"] = timing
@@ -564,37 +595,101 @@ def bench_model(name: str, args, workdir: Path) -> dict:
         print(f"[{name}] ({'b' if key == 'b_pipeline' else 'b baseline'}) pipeline {extra_args!r}: "
               f"{entry['x_real_time']:.1f}x real time ({best['wall']:.1f} s whole process"
               + (f"; steady state {steady:.1f}x" if steady else "") + "), "
-              f"min cosine to (a) {entry['min_cosine']:.5f}; engine {engine.get('backend')}/{engine.get('dtype')} "
+              + (f"min cosine to (a) {entry['min_cosine']:.5f}; " if "min_cosine" in entry else "")
+              + f"engine {engine.get('backend')}/{engine.get('dtype')} "
               f"({engine.get('why', '')}; probe ms {engine.get('probe_ms')})", flush=True)
 
-    if not args.skip_ceiling:
+
+def bench_sherpa(name, args, model_path, config_file, corpus, workdir, ref_out, result):
+    """(e): sherpa-onnx's extractor on an export of the same weights, same files, loop time only."""
+    from sherpa_peer import INSTALL_HINT, sherpa_version
+    skip = None
+    if args.device != "cpu":
+        skip = "CPU only (its pip wheel runs ONNX Runtime on the CPU)"
+    elif sherpa_version() is None:
+        skip = f"sherpa_onnx not installed ({INSTALL_HINT})"
+    if skip:
+        result["e_sherpa_onnx"] = {"skipped": skip}
+        print(f"[{name}] (e) sherpa-onnx skipped: {skip}", flush=True)
+        return
+    out = workdir / f"sherpa_{name}.npz"
+    sherpa, rss, wall = run_phase("sherpa", args, model_path, config_file, corpus, out)
+    entry = {"x_real_time": sherpa["audio_s"] / sherpa["loop_s"], "process_wall_s": wall, "peak_rss_mib": rss,
+             **sherpa}
+    if ref_out is not None:  # near, not equal: its fbank differs from the reference's
+        entry["cosine_to_a"] = cosines(ref_out, out)
+    result["e_sherpa_onnx"] = entry
+    print(f"[{name}] (e) sherpa-onnx {sherpa['version']} ({sherpa['threads']} threads, its own fbank; loop time "
+          f"only): {entry['x_real_time']:.1f}x real time ({sherpa['loop_s']:.1f} s, {sherpa['files']} files)"
+          + (f"; min cosine to (a) {entry['cosine_to_a']['min_cosine']:.3f}" if ref_out is not None else "")
+          + (f"; export {sherpa['export_s']:.1f} s" if not sherpa["export_cached"] else "; export cached"),
+          flush=True)
+
+
+def ratios(result) -> dict:
+    """Speed ratios between the phases that ran."""
+    speed = {key: result[key]["x_real_time"] for key in ("a_reference", "b_pipeline", "b_baseline", "c_ceiling",
+                                                         "e_sherpa_onnx")
+             if key in result and "x_real_time" in result[key]}
+    out = {}
+    for ours, label in (("b_pipeline", "b"), ("b_baseline", "baseline")):
+        if ours not in speed:
+            continue
+        if "a_reference" in speed:
+            out[f"{label}_over_a"] = speed[ours] / speed["a_reference"]
+        if "e_sherpa_onnx" in speed:  # whole process against sherpa-onnx's loop time
+            out[f"{label}_over_sherpa"] = speed[ours] / speed["e_sherpa_onnx"]
+    if "b_pipeline" in speed and "c_ceiling" in speed:
+        out["b_over_c"] = speed["b_pipeline"] / speed["c_ceiling"]
+        steady = result["b_pipeline"].get("steady_x_real_time")
+        if steady:  # the GPU's measure: whole-process start-up is seconds against little model time
+            out["b_steady_over_c"] = steady / speed["c_ceiling"]
+    if "a_reference" in speed and "e_sherpa_onnx" in speed:
+        out["sherpa_over_a"] = speed["e_sherpa_onnx"] / speed["a_reference"]
+    if "d_peers" in result:  # ours over each peer, model only
+        speeds = result["d_peers"]["x_real_time"]
+        mine = next(v for k, v in speeds.items() if k.startswith("ours"))
+        out["model_only_ours_over"] = {k: round(mine / v, 2) for k, v in speeds.items() if not k.startswith("ours")}
+    return out
+
+
+def bench_model(name: str, args, workdir: Path) -> dict:
+    minutes = MODELS[name][2] if args.quick else MODELS[name][1]
+    if args.minutes is not None:
+        minutes = args.minutes
+    corpus = Path(args.corpus_dir or workdir) / f"corpus_{name}_{minutes:g}min"
+    real = Path(os.environ.get("SPEAKERLAB_FIXTURES", ROOT.parent / "shared" / "fixtures")) / "campplus_sample" / "data"
+    t0 = time.perf_counter()
+    info = build_corpus(corpus, minutes, seed=args.seed, real_dir=real if args.real_speech else None)
+    print(f"[{name}] corpus {corpus}: {info['files']} files, {info['audio_s'] / 60:.1f} min "
+          f"(built/reused in {time.perf_counter() - t0:.1f} s)", flush=True)
+    model_path, config_file = model_files(name, workdir, corpus)
+    result = {"model": name, "model_path": str(model_path), "config": config_file, "corpus": info}
+
+    phases = chosen_phases(args)
+    ref_out = workdir / f"reference_{name}.npz"
+    if "a" in phases:
+        bench_reference(name, args, model_path, config_file, corpus, ref_out, result)
+    if "b" in phases:
+        bench_pipeline(name, args, model_path, config_file, corpus, workdir, ref_out if "a" in phases else None,
+                       result)
+    if "c" in phases:
         ceil, ceil_rss, _ = run_phase("ceiling", args, model_path, config_file, corpus, workdir / "unused")
         ceil["peak_rss_mib"] = ceil_rss
         result["c_ceiling"] = ceil
         print(f"[{name}] (c) model-only ceiling: {ceil['x_real_time']:.1f}x real time "
               f"(batch {ceil['best_batch']}, {ceil['dtype']}; {ceil['x_real_time_by_batch']})", flush=True)
-    if not args.skip_peers:
+    if "d" in phases:
         peers, peers_rss, _ = run_phase("peers", args, model_path, config_file, corpus, workdir / "unused")
         peers["peak_rss_mib"] = peers_rss
         result["d_peers"] = peers
         print(f"[{name}] (d) model only, 6 s, batch 1, {peers['threads']} threads, x real time: "
               + ", ".join(f"{k} {v}" for k, v in peers["x_real_time"].items())
               + (f"; {peers['notes']}" if peers["notes"] else ""), flush=True)
-    a = result["a_reference"]["x_real_time"]
-    b = result["b_pipeline"]["x_real_time"]
-    result["ratios"] = {"b_over_a": b / a}
-    if "b_baseline" in result:
-        result["ratios"]["baseline_over_a"] = result["b_baseline"]["x_real_time"] / a
-    if "c_ceiling" in result:
-        result["ratios"]["b_over_c"] = b / result["c_ceiling"]["x_real_time"]
-        steady = result["b_pipeline"].get("steady_x_real_time")
-        if steady:  # the GPU's measure: whole-process start-up is seconds against little model time
-            result["ratios"]["b_steady_over_c"] = steady / result["c_ceiling"]["x_real_time"]
-    if "d_peers" in result:  # ours over each peer, model only
-        speeds = result["d_peers"]["x_real_time"]
-        mine = next(v for k, v in speeds.items() if k.startswith("ours"))
-        result["ratios"]["model_only_ours_over"] = {k: round(mine / v, 2) for k, v in speeds.items()
-                                                    if not k.startswith("ours")}
+    if "e" in phases:
+        bench_sherpa(name, args, model_path, config_file, corpus, workdir, ref_out if "a" in phases else None,
+                     result)
+    result["ratios"] = ratios(result)
     return result
 
 
@@ -628,6 +723,8 @@ def machine_info(device: str) -> dict:
         info["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         info["onnxruntime"] = None
+    from sherpa_peer import sherpa_version
+    info["sherpa_onnx"] = sherpa_version()
     return info
 
 
@@ -637,34 +734,52 @@ KEY_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp1
 
 def print_peers(results):
     for r in results:
-        if "d_peers" not in r:
+        if "d_peers" in r:
+            print(f"{r['model']}: model only (6 s, batch 1, {r['d_peers']['threads']} threads), x real time; "
+                  f"ours over each:")
+            ratios = r["ratios"].get("model_only_ours_over", {})
+            for name, speed in r["d_peers"]["x_real_time"].items():
+                print(f"  {name:<34} {speed:>8.1f}x" + (f"   ours / it = {ratios[name]:.2f}" if name in ratios else ""))
+        sherpa = r.get("e_sherpa_onnx")
+        if sherpa is None:
             continue
-        print(f"{r['model']}: model only (6 s, batch 1, {r['d_peers']['threads']} threads), x real time; "
-              f"ours over each:")
-        ratios = r["ratios"].get("model_only_ours_over", {})
-        for name, speed in r["d_peers"]["x_real_time"].items():
-            print(f"  {name:<34} {speed:>8.1f}x" + (f"   ours / it = {ratios[name]:.2f}" if name in ratios else ""))
+        if "skipped" in sherpa:
+            print(f"{r['model']}: sherpa-onnx skipped: {sherpa['skipped']}")
+            continue
+        mine = "; ".join(f"{label} / it = {r['ratios'][key]:.2f}" for key, label in (
+            ("b_over_sherpa", "ours (b, whole process)"), ("baseline_over_sherpa", "ours (b baseline)"))
+            if key in r["ratios"])
+        print(f"{r['model']}: sherpa-onnx {sherpa['version']}, {sherpa['threads']} threads, loop time only: "
+              f"{sherpa['x_real_time']:.1f}x" + (f"; {mine}" if mine else ""))
 
 
 def print_table(results):
-    head = (f"{'model':<11} {'(a) ref x':>9} {'(b) ours x':>10} {'(c) ceil x':>10} {'b/a':>6} {'b/c':>6} {'bs/c':>6} "
-            f"{'base/a':>6} "
+    """One row per model; a phase that did not run shows nan."""
+    nan = float("nan")
+
+    def get(r, key, field):
+        value = r.get(key, {}).get(field)
+        return nan if value is None else value
+
+    head = (f"{'model':<11} {'(a) ref x':>9} {'(b) ours x':>10} {'(c) ceil x':>10} {'(e) sherpa':>10} {'b/a':>6} "
+            f"{'b/c':>6} {'bs/c':>6} {'base/a':>6} {'b/e':>6} "
             f"{'min cos':>8} {'dtype':>5} {'a MiB':>6} {'b MiB':>6} {'c MiB':>6} {'load':>5}")
     print(head)
     print("-" * len(head))
     for r in results:
-        c = r.get("c_ceiling", {})
-        print(f"{r['model']:<11} {r['a_reference']['x_real_time']:>9.1f} {r['b_pipeline']['x_real_time']:>10.1f} "
-              f"{c.get('x_real_time', float('nan')):>10.1f} {r['ratios']['b_over_a']:>6.2f} "
-              f"{r['ratios'].get('b_over_c', float('nan')):>6.2f} {r['ratios'].get('b_steady_over_c', float('nan')):>6.2f} "
-              f"{r['ratios'].get('baseline_over_a', float('nan')):>6.2f} "
-              f"{r['b_pipeline']['min_cosine']:>8.5f} "
-              f"{r['b_pipeline']['dtype']:>5} {r['a_reference']['peak_rss_mib']:>6.0f} "
-              f"{r['b_pipeline']['peak_rss_mib']:>6.0f} {c.get('peak_rss_mib', float('nan')):>6.0f} "
-              f"{max(r['a_reference']['load_before'], r['b_pipeline']['load_before']):>5.1f}")
+        ratio = r["ratios"]
+        print(f"{r['model']:<11} {get(r, 'a_reference', 'x_real_time'):>9.1f} {get(r, 'b_pipeline', 'x_real_time'):>10.1f} "
+              f"{get(r, 'c_ceiling', 'x_real_time'):>10.1f} {get(r, 'e_sherpa_onnx', 'x_real_time'):>10.1f} "
+              f"{ratio.get('b_over_a', nan):>6.2f} {ratio.get('b_over_c', nan):>6.2f} "
+              f"{ratio.get('b_steady_over_c', nan):>6.2f} {ratio.get('baseline_over_a', nan):>6.2f} "
+              f"{ratio.get('b_over_sherpa', nan):>6.2f} {get(r, 'b_pipeline', 'min_cosine'):>8.5f} "
+              f"{r.get('b_pipeline', {}).get('dtype', '-'):>5} {get(r, 'a_reference', 'peak_rss_mib'):>6.0f} "
+              f"{get(r, 'b_pipeline', 'peak_rss_mib'):>6.0f} {get(r, 'c_ceiling', 'peak_rss_mib'):>6.0f} "
+              f"{max(get(r, 'a_reference', 'load_before'), get(r, 'b_pipeline', 'load_before')):>5.1f}")
     print("x = audio seconds per wall second; MiB = peak RSS (process + decode workers); load = 1-min load "
           "average before (a)/(b) started (above ~0.5 per core, other work skews the numbers); base/a = "
-          "(b) run with --baseline_args; bs/c = (b)'s steady state (start-up excluded) over (c), the GPU's measure")
+          "(b) run with --baseline_args; bs/c = (b)'s steady state (start-up excluded) over (c), the GPU's measure; "
+          "(e) sherpa-onnx is loop time only, b/e = our whole process over it")
 
 
 def main(argv=None) -> int:
@@ -689,6 +804,13 @@ def main(argv=None) -> int:
     p.add_argument("--skip_ceiling", action="store_true")
     p.add_argument("--backend", default="auto", help="for (b), (c) and ours in (d): auto, torch or openvino")
     p.add_argument("--skip_peers", action="store_true", help="leave out (d), the model-only peers")
+    p.add_argument("--skip_sherpa", action="store_true", help="leave out (e), sherpa-onnx")
+    p.add_argument("--phases", default="abcde",
+                   help="which phases to run, as letters: a reference loop, b pipeline (with auto's preparation), "
+                        "c ceiling, d model-only peers, e sherpa-onnx (e.g. --phases de: the peers only; "
+                        "ratios and cosines need the phases they compare)")
+    p.add_argument("--sherpa_threads", type=int, default=2,
+                   help="ONNX Runtime threads for (e), sherpa-onnx (default 2, as issue 14 measured it)")
     p.add_argument("--reference_threads", type=int, default=0,
                    help="threads for (a); 0 = the faster of torch's default and 1, probed at start")
     p.add_argument("--seed", type=int, default=1234)
@@ -706,11 +828,20 @@ def main(argv=None) -> int:
         args.model_path, args.config_file = args._model_path, args._config_file
         args.data_root, args.out = args._data_root, args._out
         phases = {"reference": phase_reference, "ceiling": phase_ceiling, "peers": phase_peers,
-                  "prepare": phase_prepare}
+                  "prepare": phase_prepare, "sherpa": phase_sherpa}
         result = phases[args._phase](args)
         print(json.dumps(result))
         return 0
 
+    unknown = sorted(set(args.phases) - set(PHASES))
+    if unknown or not chosen_phases(args):
+        print(f"error: --phases {args.phases!r}: " + (f"unknown phase(s) {''.join(unknown)}; " if unknown else
+              "no phase left to run; ") + "use letters from " + ", ".join(f"{k} {v}" for k, v in PHASES.items()),
+              file=sys.stderr)
+        return 2
+    if args.sherpa_threads < 1:
+        print(f"error: --sherpa_threads {args.sherpa_threads}: must be at least 1", file=sys.stderr)
+        return 2
     os.environ.setdefault("SPEAKERLAB_FIXTURES", str(ROOT.parent / "shared" / "fixtures"))
     started = time.perf_counter()
     tmp = None
@@ -734,8 +865,10 @@ def main(argv=None) -> int:
     machine = machine_info(args.device)
     print(f"CPU: {machine.get('cpu')}, {machine['cpu_cores']} cores, AMX: {'yes' if machine['amx'] else 'no'}; "
           f"key flags: {' '.join(machine['cpu_key_flags'])}; torch {machine['torch']}, "
-          f"openvino {machine['openvino']}, onnxruntime {machine['onnxruntime']}")
+          f"openvino {machine['openvino']}, onnxruntime {machine['onnxruntime']}, sherpa-onnx {machine['sherpa_onnx']}")
     for r in results:
+        if "b_pipeline" not in r:
+            continue
         engine = r["b_pipeline"].get("engine") or {}
         print(f"{r['model']}: auto chose {engine.get('backend')}/{engine.get('dtype')} "
               f"(candidates {engine.get('candidates')}, probe ms {engine.get('probe_ms')})")

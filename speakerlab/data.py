@@ -5,6 +5,7 @@ Layout: ``data_root/<dataset>/<speaker>/[<sub>/...]<utterance>.<ext>``. Deeper d
 names join the utterance id. Keys: ``<dataset>_<speaker>_<utterance>`` and ``<dataset>_<speaker>``,
 made unique by ``assign_keys`` when joined names collide (``a_b/c`` and ``a/b_c``).
 """
+import bisect
 import hashlib
 import json
 import os
@@ -96,24 +97,64 @@ def _unique_keys(plain: Dict[tuple, str]) -> Dict[tuple, str]:
     raise DataError(f"cannot make unique keys for {len(shared)} entries sharing keys, e.g. '{plain[shared[0]]}'")
 
 
-def assign_keys(utterances: List[Utterance], raw_ids: Optional[List[str]] = None) -> List[Dict[str, object]]:
+def assign_keys(utterances: List[Utterance], raw_ids=None) -> List[Dict[str, object]]:
     """Give every utterance its key (and speaker key) so that two different (dataset, speaker) pairs
     never share a speaker key and two different (dataset, speaker, utterance) triples never share an
     utterance key. ``raw_ids`` names each utterance as given when its id joins several names (a tree's
-    ``sub/dir/stem``), so ``v/1.wav`` and ``v_1.wav`` count as different utterances. Every triple
-    must be given once. Returns the renames (keys that differ from ``<dataset>_<speaker>[_<utterance>]``)."""
-    raw_ids = raw_ids or [u.utterance for u in utterances]
+    ``sub/dir/stem``), so ``v/1.wav`` and ``v_1.wav`` count as different utterances: a list (one per
+    utterance) or a function of the utterance. Every triple must be given once. Returns the renames
+    (keys that differ from ``<dataset>_<speaker>[_<utterance>]``).
+
+    Lean for millions of utterances: keys are set in place (an unchanged key keeps its string), and
+    clashes are found as neighbours in key order, so only the clashing utterances are looked at again;
+    no per-utterance dict is built. Same keys as ``_unique_keys`` over all the triples would give."""
+    if raw_ids is None:
+        def raw_of(i, utt):
+            return utt.utterance
+    elif callable(raw_ids):
+        def raw_of(i, utt):
+            return raw_ids(utt)
+    else:
+        def raw_of(i, utt):
+            return raw_ids[i]
     speakers = _unique_keys({(u.dataset, u.speaker): f"{u.dataset}_{u.speaker}" for u in utterances})
-    triples = [(u.dataset, u.speaker, raw) for u, raw in zip(utterances, raw_ids)]
-    keys = _unique_keys({t: f"{speakers[t[:2]]}_{u.utterance}" for u, t in zip(utterances, triples)})
+    for utt in utterances:
+        speaker_key = speakers[(utt.dataset, utt.speaker)]
+        utt.spk_key = speaker_key if speaker_key != f"{utt.dataset}_{utt.speaker}" else ""
+        plain = f"{speaker_key}_{utt.utterance}"
+        if utt.key != plain:
+            utt.key = plain
+    position = {id(u): i for i, u in enumerate(utterances)} if not callable(raw_ids) and raw_ids is not None else None
+    ranked = sorted(utterances, key=lambda u: u.key)
+    shared: Dict[tuple, Utterance] = {}  # triple -> utterance, for keys held by more than one triple
+    for first in range(len(ranked) - 1):
+        if ranked[first].key == ranked[first + 1].key:
+            for utt in (ranked[first], ranked[first + 1]):
+                index = position[id(utt)] if position is not None else -1
+                shared[(utt.dataset, utt.speaker, raw_of(index, utt))] = utt
+    if shared:
+        sorted_keys = [u.key for u in ranked]
+
+        def held_alone(key: str) -> bool:  # a key some utterance keeps untagged
+            at = bisect.bisect_left(sorted_keys, key)
+            return at < len(sorted_keys) and sorted_keys[at] == key and \
+                (at + 1 == len(sorted_keys) or sorted_keys[at + 1] != key) and (at == 0 or sorted_keys[at - 1] != key)
+        for length in TAG_LENGTHS:
+            tagged = {triple: f"{utt.key}-{name_tag(triple, length)}" for triple, utt in shared.items()}
+            values = set(tagged.values())
+            if len(values) == len(tagged) and not any(held_alone(v) for v in values):
+                break
+        else:
+            raise DataError(f"cannot make unique keys for {len(shared)} entries sharing keys, "
+                            f"e.g. '{next(iter(shared.values())).key}'")
+        for triple, utt in shared.items():
+            utt.key = tagged[triple]
     renames: List[Dict[str, object]] = []
     for (dataset, speaker), key in sorted(speakers.items()):
         if key != f"{dataset}_{speaker}":
             renames.append({"level": "speaker", "old": f"{dataset}_{speaker}", "new": key, "dataset": dataset,
                             "speaker": speaker, "utterance": None, "path": None})
-    for utt, triple in zip(utterances, triples):
-        utt.spk_key = speakers[triple[:2]] if speakers[triple[:2]] != f"{utt.dataset}_{utt.speaker}" else ""
-        utt.key = keys[triple]
+    for utt in utterances:
         old = f"{utt.dataset}_{utt.speaker}_{utt.utterance}"
         if utt.key != old:
             renames.append({"level": "utterance", "old": old, "new": utt.key, "dataset": utt.dataset,
@@ -181,7 +222,6 @@ def scan_tree(data_root) -> ScanResult:
     root = Path(data_root).absolute()
     if not root.is_dir():
         raise DataError(f"data_root {root} is not a directory")
-    found: Dict[str, Utterance] = {}
     ignored: Dict[str, int] = {}
     examples: List[str] = []
     errors: List[Dict[str, str]] = []
@@ -191,7 +231,10 @@ def scan_tree(data_root) -> ScanResult:
         if len(examples) < 20:
             examples.append(f"{display_path(rel)}: {reason}")
 
-    raw_ids: Dict[str, str] = {}
+    chosen: List[Utterance] = []
+    # u1.wav beside u1.flac: one utterance twice. Such files share a directory, and the walk gives a
+    # directory's files one after another, so only the current directory's stems are kept
+    folder, stems = None, {}
     for parts, path in _walk(root, errors):
         rel = "/".join(parts)
         if not parts[-1].lower().endswith(AUDIO_EXTENSIONS):
@@ -206,22 +249,29 @@ def scan_tree(data_root) -> ScanResult:
             errors.append({"path": display_path(path), "stage": "scan",
                            "reason": "the path is not valid UTF-8; rename the file to use it"})
             continue
-        dataset, speaker = sys.intern(parts[0]), sys.intern(parts[1])  # shared by the files of a speaker
-        names = list(parts[2:-1]) + [os.path.splitext(parts[-1])[0]]
-        raw = "\0".join([dataset, speaker] + names)  # "/" and NUL never occur in a name
-        if raw in found:  # u1.wav beside u1.flac: one utterance twice; the first one walked keeps it
+        if parts[:-1] != folder:
+            folder, stems = parts[:-1], {}
+        stem = os.path.splitext(parts[-1])[0]
+        if stem in stems:  # the first one walked keeps it
+            taken = stems[stem]
             errors.append({"path": display_path(path), "stage": "scan",
-                           "reason": f"two files map to one key: '{found[raw].key}' is taken by {found[raw].path}; "
+                           "reason": f"two files map to one key: '{taken.key}' is taken by {taken.path}; "
                                      "rename one of them"})
             continue
-        utterance = "_".join(names)
-        found[raw] = Utterance(key=f"{dataset}_{speaker}_{utterance}", dataset=dataset, speaker=speaker,
-                               utterance=utterance, path=str(path), rel_path=rel)
-        raw_ids[raw] = "/".join(names)
-    chosen = list(found.values())
-    renames = assign_keys(chosen, [raw_ids[r] for r in found])
-    utterances = sorted(chosen, key=lambda u: u.key)
-    return ScanResult(str(root), utterances, ignored, examples, errors=errors, renames=renames)
+        dataset, speaker = sys.intern(parts[0]), sys.intern(parts[1])  # shared by the files of a speaker
+        utterance = "_".join(list(parts[2:-1]) + [stem])
+        utt = Utterance(key=f"{dataset}_{speaker}_{utterance}", dataset=dataset, speaker=speaker,
+                        utterance=utterance, path=str(path), rel_path=rel)
+        stems[stem] = utt
+        chosen.append(utt)
+    renames = assign_keys(chosen, tree_raw_id)
+    chosen.sort(key=lambda u: u.key)
+    return ScanResult(str(root), chosen, ignored, examples, errors=errors, renames=renames)
+
+
+def tree_raw_id(utt: Utterance) -> str:
+    """An utterance's names below its speaker as given in the tree: ``sub/dir/stem``."""
+    return os.path.splitext(utt.rel_path.split("/", 2)[2])[0]
 
 
 def read_header(utt: Utterance) -> None:

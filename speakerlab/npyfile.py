@@ -9,6 +9,7 @@ process after each block (``madvise(DONTNEED)``; the kernel's page cache keeps t
 """
 import mmap
 import os
+import threading
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
@@ -116,6 +117,7 @@ class MappedNpy:
             self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         count = self.shape[0] if self.shape else 1
         self._file = None
+        self._open_lock = threading.Lock()
         self.array = (np.frombuffer(self._map, dtype=self.dtype, count=int(np.prod(self.shape, dtype=np.int64)),
                                     offset=self.offset).reshape(self.shape)
                       if self._map is not None and count else np.zeros(self.shape, self.dtype))
@@ -165,13 +167,14 @@ class MappedNpy:
         else:
             out = out[:count]
         if count:
-            if self._file is None:
-                self._file = open(self.path, "rb", buffering=0)
-            self._file.seek(self.offset + start * self.row_bytes)
+            with self._open_lock:
+                if self._file is None:
+                    self._file = open(self.path, "rb", buffering=0)
+            fd, where = self._file.fileno(), self.offset + start * self.row_bytes
             view = memoryview(out.reshape(-1).view(np.uint8))
             done = 0
-            while done < len(view):
-                got = self._file.readinto(view[done:])
+            while done < len(view):  # positioned reads: no shared file offset, so threads may read at once
+                got = os.preadv(fd, [view[done:]], where + done)
                 if not got:
                     raise ValueError(f"{self.path}: ends before row {stop} (cut short?)")
                 done += got

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from speakerlab import manifest
+from speakerlab import data
 from speakerlab.data import DataError, Utterance, assign_keys, scan_tree
 from speakerlab.scanfile import load as load_scan, save as save_scan
 from tests.helpers import extract_cmd, merge_cmd, micro_model, run_cli, tone, write_wav
@@ -195,3 +196,23 @@ def test_merge_refuses_one_speaker_key_for_two_speakers_of_two_runs(tmp_path):
     assert merged.returncode == 2, merged.stderr[-2000:]
     assert "speaker key 'a_b_c' names two speakers in different runs" in merged.stderr
     assert "Traceback" not in merged.stderr
+
+
+def test_lean_key_assignment_equals_the_whole_table_rule():
+    """assign_keys finds clashes as neighbours in key order; it must give exactly the keys of the
+    plain rule: _unique_keys over every (dataset, speaker) and every (dataset, speaker, raw id)."""
+    from speakerlab.data import _unique_keys
+    rng = random.Random(3)
+    parts = ["a", "b", "a_b", "b_a", "c", "a_b_c", "x"]
+    for trial in range(30):
+        triples = {(rng.choice(parts), rng.choice(parts), "/".join(rng.choice(parts) for _ in range(rng.randint(1, 2))))
+                   for _ in range(rng.randint(2, 40))}
+        triples = sorted(triples)
+        utts = [Utterance(key=f"{d}_{s}_{r.replace('/', '_')}", dataset=d, speaker=s, utterance=r.replace("/", "_"),
+                          path=f"/{d}/{s}/{r}.wav", rel_path=f"{d}/{s}/{r}.wav") for d, s, r in triples]
+        assign_keys(utts, data.tree_raw_id)
+        speakers = _unique_keys({(d, s): f"{d}_{s}" for d, s, _ in triples})
+        keys = _unique_keys({(d, s, r): f"{speakers[(d, s)]}_{r.replace('/', '_')}" for d, s, r in triples})
+        assert [u.key for u in utts] == [keys[t] for t in triples], trial
+        assert [u.speaker_key for u in utts] == [speakers[t[:2]] for t in triples], trial
+        assert len({u.key for u in utts}) == len(utts)

@@ -41,9 +41,10 @@ def reference(directory):
                         [s["key"] for s in speakers], np.load(directory / "speaker_embeddings.npy"), speakers)
 
 
-@pytest.mark.parametrize("block", [7, 1 << 16])
-def test_mapped_set_answers_like_the_in_memory_set(npy_dir, block, monkeypatch):
+@pytest.mark.parametrize("block,threads", [(7, 1), (7, 3), (1 << 16, 2)])
+def test_mapped_set_answers_like_the_in_memory_set(npy_dir, block, threads, monkeypatch):
     monkeypatch.setattr(mapped, "BLOCK_ROWS", block)
+    monkeypatch.setattr(mapped, "SIMILAR_THREADS", threads)
     emb = mapped.MappedEmbeddingSet(npy_dir, FILES)
     ref = reference(npy_dir)
     assert len(emb) == len(ref) and emb.dim == ref.dim
@@ -77,3 +78,13 @@ def test_mapped_set_answers_like_the_in_memory_set(npy_dir, block, monkeypatch):
     assert isinstance(matrix, np.ndarray) and not matrix.flags.writeable
     assert np.array_equal(matrix, ref.matrix()[1])
     emb.close()
+
+
+@pytest.mark.parametrize("count,parts", [(0, 2), (1, 2), (7, 2), (8, 3), (50, 4), (100, 1), (29, 9)])
+def test_similar_ranges_cover_every_row_once(count, parts, monkeypatch):
+    monkeypatch.setattr(mapped, "BLOCK_ROWS", 4)
+    ranges = mapped._split(count, parts)
+    assert len(ranges) <= max(1, parts)
+    covered = [r for a, b in ranges for r in range(a, b)]
+    assert covered == list(range(count))
+    assert all(a % 4 == 0 for a, _ in ranges)

@@ -157,3 +157,18 @@ def test_closest_pairs_ties_and_duplicates():
     assert len(got) == 18
     assert all(c == pytest.approx(1.0) for *_, c in got)
     assert {(a // 3, b // 3) for a, b, _ in got} == {(s, s) for s in range(6)}
+
+
+def test_closest_pairs_exact_beyond_float32():
+    """The float32 screen must not decide the order: pairs whose cosines differ by less than float32
+    can tell apart come out in their exact float64 order, with float64 values."""
+    rng = np.random.default_rng(11)
+    base = rng.standard_normal(16)
+    tiny = rng.standard_normal((8, 16))
+    # rows 0..7: base nudged by 1e-5 * i * noise; pair (0, i) cosines fall as i grows, 1e-9 apart or so
+    matrix = np.vstack([base + 1e-5 * i * tiny[i] for i in range(8)] + [rng.standard_normal((40, 16))])
+    got = stats.closest_pairs(matrix, k=10, block=5)
+    want = brute_pairs(matrix, 10)
+    assert [(a, b) for a, b, _ in got] == [(a, b) for a, b, _ in want]
+    np.testing.assert_allclose([c for *_, c in got], [c for *_, c in want], rtol=0, atol=1e-15)
+    assert len({np.float32(c) for *_, c in got[:5]}) < 5  # float32 alone could not have ordered them
