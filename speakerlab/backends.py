@@ -44,6 +44,7 @@ def openvino_version() -> Optional[str]:
 
 _core = None
 _core_lock = threading.Lock()
+_primed = threading.Event()  # set once an inference has completed in this process
 
 
 def openvino_core():
@@ -69,6 +70,11 @@ def openvino_core():
                 import openvino as ov
                 core = ov.Core()
                 ctypes.pythonapi.Py_IncRef(ctypes.py_object(core))  # immortal: see above
+                # OpenVINO's Type.to_dtype fills a C++ function-local static on first use and takes
+                # the GIL inside it: two threads making the process's first inference at once (two
+                # model streams, choice read from the calibration cache) deadlocked. Filled here, once.
+                for kind in (ov.Type.f32, ov.Type.i64, ov.Type.bf16):
+                    kind.to_dtype()
                 _core = core
     return _core
 
@@ -204,5 +210,10 @@ class OpenVINOBody:
         request = self._request()
         h = h.detach().float().contiguous().cpu().numpy()
         lengths = lengths.detach().to(torch.int64).cpu().numpy()
-        out = request.infer([h, lengths], share_inputs=True)[0]
+        if not _primed.is_set():  # the process's first inference runs alone (see openvino_core)
+            with _core_lock:
+                out = request.infer([h, lengths], share_inputs=True)[0]
+                _primed.set()
+        else:
+            out = request.infer([h, lengths], share_inputs=True)[0]
         return torch.from_numpy(np.array(out, dtype=np.float32))
