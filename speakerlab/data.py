@@ -280,9 +280,10 @@ def read_header(utt: Utterance) -> None:
     from speakerlab.audio import AudioError, check_regular_file, explain_open_error, header_problem
     try:
         check_regular_file(utt.path)
-        info = sf.info(utt.path)
-        utt.sample_rate, utt.channels = int(info.samplerate), int(info.channels)
-        frames = int(info.frames)
+        # the three numbers straight from an open SoundFile: sf.info also formats names and an
+        # "extra info" text per file (half the time of a header read)
+        with sf.SoundFile(utt.path) as handle:
+            utt.sample_rate, utt.channels, frames = int(handle.samplerate), int(handle.channels), int(handle.frames)
         if utt.start is not None:
             first = int(round(utt.start * utt.sample_rate))
             last = frames if utt.end is None else min(frames, int(round(utt.end * utt.sample_rate)))
@@ -295,13 +296,20 @@ def read_header(utt: Utterance) -> None:
         utt.header_error = explain_open_error(utt.path, exc)
 
 
+def _read_header_run(utterances: List[Utterance]) -> None:
+    for utt in utterances:
+        read_header(utt)
+
+
 def read_headers(utterances: List[Utterance], threads: int = 16) -> int:
     """Fill sample_rate / num_samples / channels; I/O bound, so threads overlap the waits. Returns
-    the number of headers read."""
+    the number of headers read. A task is a run of 64 files: a future per file cost more than the
+    header read itself on a warm cache (100k futures: 10 s of a 14 s scan, all holding the GIL)."""
+    run = 64
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        # a window at a time: the thread pool's map makes a future per item up front (~1.3 KB each)
-        for first in range(0, len(utterances), 4096):
-            list(pool.map(read_header, utterances[first:first + 4096]))
+        for first in range(0, len(utterances), 65536):  # a window at a time: bounded futures
+            stop = min(len(utterances), first + 65536)
+            list(pool.map(_read_header_run, [utterances[a:min(stop, a + run)] for a in range(first, stop, run)]))
     return len(utterances)
 
 
