@@ -31,21 +31,23 @@ def plan_batches(num_samples: Sequence[int], frames_per_batch: int, max_batch_si
     (what the batch is padded to: ``Embedder.grid_steps``). ``max_batch_size`` None: no count cap.
     Returns index lists, shortest batches first.
     """
-    order = sorted(range(len(num_samples)), key=lambda i: (num_samples[i], i))
-    batches: List[List[int]] = []
-    current: List[int] = []
-    for index in order:
-        frames = max(1, num_samples[index] // frame_shift)
-        if grid:
-            frames = grid_frames(frames, grid_steps)
-        full = max_batch_size is not None and len(current) >= max_batch_size
-        if current and ((len(current) + 1) * frames > frames_per_batch or full):
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches
+    lengths = np.asarray(num_samples, dtype=np.int64).reshape(-1)
+    # by length, then index (a stable sort): an index array, not a list of (length, index) tuples,
+    # since a rank plans its whole shard at once (millions of files)
+    order = np.argsort(lengths, kind="stable")
+    frames = np.maximum(1, lengths[order] // frame_shift)
+    if grid:
+        frames = np.array([grid_frames(int(f), grid_steps) for f in frames], dtype=np.int64)
+    cuts: List[int] = []
+    start = 0
+    for position, length in enumerate(frames.tolist()):
+        count = position - start
+        full = max_batch_size is not None and count >= max_batch_size
+        if count and ((count + 1) * length > frames_per_batch or full):
+            cuts.append(position)
+            start = position
+    bounds = [0] + cuts + [len(order)] if len(order) else []
+    return [order[a:b].tolist() for a, b in zip(bounds, bounds[1:])]
 
 
 def pad_waves(waves: Sequence[np.ndarray]):

@@ -24,6 +24,11 @@ import numpy as np
 from speakerlab.npyfile import MappedNpy, rows_per_block
 from speakerlab.streamwrite import NpzMemberWriter, PickleDictWriter
 
+# rows per block when a rank writes its outputs: a cap in rows, not only bytes, since a block of keys
+# costs ~200 bytes a row in Python strings whatever the embedding size; so what a rank holds while it
+# finalizes stops growing with its shard past this many rows
+BLOCK_ROWS = 4096
+
 
 def _part_columns(path: Path):
     """(keys, seconds, chunks, failures) of a part file (an npz with keys, embeddings, failures, extra)."""
@@ -81,7 +86,7 @@ def write_rank_npz(parts: Sequence[Path], index: ShardIndex, out: Path, dim: Opt
         if dim is None:
             dims = {m.shape[1] for m in maps if len(m.shape) == 2 and len(m)}
             dim = dims.pop() if dims else 0
-        step = rows_per_block(max(dim, 1) * 4)
+        step = min(BLOCK_ROWS, rows_per_block(max(dim, 1) * 4))
 
         def blocks():
             for start in range(0, len(keys), step):
@@ -110,8 +115,8 @@ def write_rank_arrays(out: Path, keys: Sequence[str], rows: np.ndarray, dim: int
     try:
         width = max([len(k) for k in keys] + [1])
         writer.member("keys", (len(keys),), f"<U{width}")
-        for first in range(0, len(keys), 65536):
-            writer.write(np.array(keys[first:first + 65536], dtype=f"<U{width}"))
+        for first in range(0, len(keys), BLOCK_ROWS):
+            writer.write(np.array(keys[first:first + BLOCK_ROWS], dtype=f"<U{width}"))
         writer.member("rows", (len(keys),), np.int64)
         writer.write(np.asarray(rows, dtype=np.int64))
         writer.member("embeddings", (len(keys), dim), np.float32)
@@ -147,7 +152,7 @@ def write_rank_pickles(npz: Path, utterances, utt_pkl: Path, spk_pkl: Path) -> N
     tmp_utt = utt_pkl.with_name(f".{utt_pkl.name}.tmp{os.getpid()}")
     try:
         writer = PickleDictWriter(tmp_utt)
-        for start, block in matrix.blocks():
+        for start, block in matrix.blocks(min(BLOCK_ROWS, rows_per_block(matrix.row_bytes))):
             names = keys_map.block(start, start + len(block))
             for key, row in zip(names.tolist(), block):
                 utt = utterances[key]

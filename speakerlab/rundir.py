@@ -524,8 +524,8 @@ def read_extra(path: Path) -> Dict[str, dict]:
 
 
 class RankStore:
-    """One rank's results, flushed in atomic parts. Memory holds the part being filled (and the
-    keys done, for resuming), never the rank's embeddings: ``finalize`` writes the rank's npz from
+    """One rank's results, flushed in atomic parts. Memory holds the part being filled, never the
+    rank's embeddings nor a set of its keys (``done_keys`` reads them back from the parts): ``finalize`` writes the rank's npz from
     the parts a block at a time (``rankout``)."""
 
     def __init__(self, output_dir: Path, rank: int):
@@ -535,7 +535,6 @@ class RankStore:
         self.failures: List[dict] = []      # all of the rank's failures (they go into its metadata)
         self.embedded = 0                   # embeddings added, flushed or not
         self.dim: Optional[int] = None
-        self._done: set = set()             # keys embedded (flushed or not)
         self._keys: List[str] = []          # the part being filled
         self._embeddings: List[np.ndarray] = []
         self._extra: Dict[str, dict] = {}
@@ -561,7 +560,8 @@ class RankStore:
         return sorted(self.parts_dir.glob("part_*.npz")) if self.parts_dir.is_dir() else []
 
     def load_parts(self) -> None:
-        """Take in what earlier (possibly killed) runs flushed: keys and failures, not embeddings."""
+        """Take in what earlier (possibly killed) runs flushed: counts and failures, not embeddings."""
+        seen: set = set()
         for part in self._parts():
             self._part_index = max(self._part_index, int(part.stem.split("_")[1]))
             try:
@@ -573,15 +573,24 @@ class RankStore:
                 log.warning("%s is damaged (%s): its utterances will be redone", part, exc)
                 os.replace(part, part.with_name(part.name + ".damaged"))
                 continue
-            new = [k for k in keys if k not in self._done]
-            self._done.update(new)
+            new = [k for k in keys if k not in seen]  # a key flushed twice (a redone part) counts once
+            seen.update(new)
             self.embedded += len(new)
             self.failures.extend(failures)
             if keys and dim:
                 self.dim = int(dim)
 
     def done_keys(self) -> set:
-        return self._done | {f["key"] for f in self.failures}
+        """Keys embedded (flushed, read back from the parts, or pending) or failed. Asked when a run
+        resumes and after a decoder crash, so nothing holds a set of the shard's keys meanwhile."""
+        done = set(self._keys)
+        for part in self._parts():
+            try:
+                with np.load(part, allow_pickle=False) as data:
+                    done.update(str(k) for k in data["keys"])
+            except Exception:  # damaged: load_parts set it aside; its utterances are redone
+                continue
+        return done | {f["key"] for f in self.failures}
 
     # --- appending -----------------------------------------------------------------------
     def add(self, key: str, embedding: np.ndarray, extra: Optional[dict] = None) -> None:
@@ -589,7 +598,6 @@ class RankStore:
             self._extra[key] = extra
         self._embeddings.append(embedding)
         self._keys.append(key)  # last: an interrupted add leaves at most an extra embedding (repair)
-        self._done.add(key)
         self.embedded += 1
         self.dim = int(np.asarray(embedding).shape[0])
 

@@ -217,6 +217,7 @@ class ScanFile:
             lo, hi = max(start, first), min(stop, first + self.group_rows)
             cols = {name: self.column(name, lo, hi) for name in
                     ("spk", "utt", "key", "path", "rel", "err", "rate", "samples", "chan", "start", "end")}
+            rates = {int(r): int(r) for r in np.unique(cols["rate"])}  # one int object per rate, not per row
             for i in range(hi - lo):
                 dataset, speaker, spk_key = speakers[int(cols["spk"][i])]
                 utterance, rel = cols["utt"][i], cols["rel"][i]
@@ -225,7 +226,7 @@ class ScanFile:
                     key=cols["key"][i] or f"{spk_key or f'{dataset}_{speaker}'}_{utterance}", dataset=dataset,
                     speaker=speaker, utterance=utterance, path=cols["path"][i] or f"{root}/{rel}", rel_path=rel,
                     start=None if start_s != start_s else start_s, end=None if end_s != end_s else end_s,
-                    sample_rate=int(cols["rate"][i]), num_samples=int(cols["samples"][i]),
+                    sample_rate=rates[int(cols["rate"][i])], num_samples=int(cols["samples"][i]),
                     channels=int(cols["chan"][i]), header_error=cols["err"][i], spk_key=spk_key))
         return out
 

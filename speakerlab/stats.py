@@ -2,7 +2,7 @@
 
 Everything is computed in float64, in chunks of rows, so a million utterances or 100k speakers
 need a few hundred MB besides the embeddings themselves, never an N x N matrix (measured: 1M x 192
-utterances of 100k speakers, 9 s; closest pairs of 100k speakers, 60 s and 0.6 GB, on 2 CPU cores).
+utterances of 100k speakers, 9 s; closest pairs of 100k speakers, 15 s, on 2 CPU cores).
 
 Cosines (``speaker_cosines``)
     ``to_centroid``: cosine of each utterance to its speaker's centroid, i.e. to the speaker

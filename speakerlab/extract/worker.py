@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
+import numpy as np
 import torch
 
 from speakerlab.batching import plan_batches
@@ -101,15 +102,17 @@ def embed_shard(todo, embedder: Embedder, store, plan: ShardPlan, journal=None, 
     (a dict) receives what was changed to fit the host (``in_flight``)."""
     prefix = f"{label}: " if label else ""
     sr = embedder.fbank.config.sample_rate
-    est = [int(u.num_samples * sr / u.sample_rate) if u.sample_rate else 0 for u in todo]
+    # arrays, not lists of ints: a rank plans its whole shard (36 -> 8 bytes a file each)
+    est = np.fromiter((int(u.num_samples * sr / u.sample_rate) if u.sample_rate else 0 for u in todo),
+                      dtype=np.int64, count=len(todo))
     start_n = progress.n if progress is not None else 0
     audio_seconds = 0.0
-    left = list(range(len(todo)))
+    left = np.arange(len(todo))
     for attempt in range(MAX_DECODER_CRASHES + 1):
         # Longest batches first: the run then ends on short batches, so concurrent model streams finish
         # together instead of one core idling while the other runs the longest file (measured: ~4%).
-        batches = [[left[i] for i in batch] for batch in
-                   plan_batches([est[i] for i in left], plan.batch_frames, plan.batch_size, grid=embedder.grid,
+        batches = [left[batch].tolist() for batch in
+                   plan_batches(est[left], plan.batch_frames, plan.batch_size, grid=embedder.grid,
                                 grid_steps=embedder.grid_steps)[::-1]]
         workers, prefetch = in_flight(batches, est, plan, notes)
         loader = torch.utils.data.DataLoader(
@@ -148,8 +151,8 @@ def embed_shard(todo, embedder: Embedder, store, plan: ShardPlan, journal=None, 
                 raise
             store.repair()  # in case an add was cut short all the same
             handled = store.done_keys()
-            left = [i for i in left if todo[i].key not in handled]
-            culprits = crashed_files(exc, journal, set(left))
+            left = left[np.fromiter((todo[i].key not in handled for i in left.tolist()), dtype=bool, count=len(left))]
+            culprits = crashed_files(exc, journal, set(left.tolist()))
             if not culprits or attempt == MAX_DECODER_CRASHES:
                 raise exc
             with signals_held():
@@ -159,7 +162,7 @@ def embed_shard(todo, embedder: Embedder, store, plan: ShardPlan, journal=None, 
                     store.fail(failure_record(todo[index], "decode", f"the decoder crashed on this file ({how})"))
                 store.flush()
             culprit_set = {index for index, _ in culprits}
-            left = [i for i in left if i not in culprit_set]
+            left = left[np.fromiter((i not in culprit_set for i in left.tolist()), dtype=bool, count=len(left))]
             if progress is not None:
                 progress.n = start_n + len(todo) - len(left)
                 progress.refresh()
@@ -215,7 +218,7 @@ def submit_batch(embedder: Embedder, waves: torch.Tensor, lengths: torch.Tensor,
 def in_flight(batches, est, plan: ShardPlan, notes: Optional[dict] = None):
     """(decode workers, batches prefetched per worker) that /dev/shm and pinned memory can hold
     (hostmem.plan_in_flight; HostMemoryError when a single batch does not fit this process's share)."""
-    largest = max((len(b) * max(est[i] for i in b) for b in batches if b), default=0) * 4  # float32 samples
+    largest = int(max((len(b) * max(int(est[i]) for i in b) for b in batches if b), default=0)) * 4  # float32 samples
     workers, prefetch, note = plan_in_flight(largest, plan.num_workers, 4, plan.processes_on_host,
                                              shm_free_bytes(), pinned=plan.pin_memory,
                                              memory_limit=memory_limit_bytes() if plan.pin_memory else None)
