@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --- reading the ranks ---------------------------------------------------------------------
-IDENTITY_FIELDS = ("model_sha256", "model_config", "features", "dtype", "channels", "max_chunk_s", "fused")
+IDENTITY_FIELDS = ("model_sha256", "model_config", "features", "dtype", "backend", "channels", "max_chunk_s", "fused")
 SCAN_FIELDS = ("data_root", "source", "num_utterances", "keys_sha1")
 
 

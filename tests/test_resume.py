@@ -253,3 +253,39 @@ def test_tree_changed_since_the_scan_is_refused(setup, tmp_path, capsys, monkeyp
     assert code == 0, err
     meta = json.loads((out / "rank_00" / "metadata.json").read_text())
     assert meta["counts"]["assigned"] == NUM_GOOD + 2  # 40 good - 1 gone + 1 new, broken + silent
+
+
+def test_a_resumed_rank_keeps_the_engine_its_run_started_with(tmp_path, monkeypatch):
+    """auto may pick another engine on the machine a run resumes on (a requeue onto another CPU type);
+    the rank goes on with the one it started with, unless the user named one or asked --overwrite."""
+    import dataclasses
+    import importlib
+    from types import SimpleNamespace
+    from speakerlab.extract.options import ExtractOptions, UsageError
+    from speakerlab.rundir import RankStore, RunDir
+    main_mod = importlib.import_module("speakerlab.extract.main")
+    run_dir = RunDir(tmp_path / "run")
+    RankStore(run_dir.path, 0).write_metadata({"rank": 0, "complete": False,
+                                                "fingerprint": {"backend": "torch", "dtype": "fp32"}})
+    built = []
+
+    def fake_build(options, device, streams):
+        built.append((options.backend, options.dtype))
+        if options.backend == "nope":
+            raise UsageError("not here")
+        return SimpleNamespace(backend=options.backend, dtype=options.dtype), {}
+    monkeypatch.setattr(main_mod, "build_embedder", fake_build)
+    here = SimpleNamespace(backend="openvino", dtype="bf16")
+    options = ExtractOptions(output_dir=str(run_dir.path), data_root=str(tmp_path))
+
+    kept = main_mod.engine_of_earlier_run(options, run_dir, 0, here, None, 1)
+    assert (kept.backend, kept.dtype) == ("torch", "fp32") and built == [("torch", "fp32")]
+    for other in (dataclasses.replace(options, overwrite=True), dataclasses.replace(options, dtype="bf16"),
+                  dataclasses.replace(options, backend="openvino")):
+        assert main_mod.engine_of_earlier_run(other, run_dir, 0, here, None, 1) is here
+    assert main_mod.engine_of_earlier_run(options, run_dir, 1, here, None, 1) is here  # no earlier rank 1
+    same = SimpleNamespace(backend="torch", dtype="fp32")
+    assert main_mod.engine_of_earlier_run(options, run_dir, 0, same, None, 1) is same
+    RankStore(run_dir.path, 0).write_metadata({"rank": 0, "fingerprint": {"backend": "nope", "dtype": "fp32"}})
+    assert main_mod.engine_of_earlier_run(options, run_dir, 0, here, None, 1) is here  # cannot run it: refused later
+    assert len(built) == 2

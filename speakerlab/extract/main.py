@@ -9,6 +9,7 @@ atomically as it goes, only under its own ``rank_XX``. This module is the orches
 options -> run().
 """
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -236,15 +237,41 @@ def run(options: ExtractOptions) -> int:
             lock.release()
 
 
+def engine_of_earlier_run(options: ExtractOptions, run_dir: RunDir, rank: int, embedder: Embedder,
+                          device: torch.device, streams: int) -> Embedder:
+    """A resumed rank keeps the engine (backend, dtype) its run started with, where the user left
+    the choice to ``auto``: auto may measure another one as fastest here (a requeue onto another CPU
+    type), and one rank's results must come from one engine. An engine given explicitly, or one this
+    machine cannot run, is left to the fingerprint check, which refuses and names the difference."""
+    if options.overwrite or (options.dtype != "auto" and options.backend != "auto"):
+        return embedder
+    previous = (RankStore(run_dir.path, rank).read_metadata() or {}).get("fingerprint") or {}
+    backend, dtype = previous.get("backend"), previous.get("dtype")
+    if backend is None or dtype is None or (backend, dtype) == (embedder.backend, embedder.dtype):
+        return embedder
+    if options.dtype not in ("auto", dtype) or options.backend not in ("auto", backend):
+        return embedder
+    try:
+        kept, _ = build_embedder(dataclasses.replace(options, dtype=dtype, backend=backend), device, streams)
+    except UsageError as exc:
+        log.warning("rank %d started with %s %s, which this machine cannot run (%s)", rank, backend, dtype, exc)
+        return embedder
+    log.info("rank %d: resuming with the engine it started with (%s %s; auto chose %s %s here)", rank, backend,
+             dtype, embedder.backend, embedder.dtype)
+    return kept
+
+
 def run_shard(options: ExtractOptions, run_dir: RunDir, scan, run_id: str, embedder: Embedder, model_identity: dict,
               device: torch.device, ranks, cpu, started: datetime) -> int:
     """This rank's shard of the scan: resumed, embedded, finalized."""
     rank, world, local_rank, local_world = ranks
     num_workers, threads, streams = cpu
     shard = scan.utterances  # this rank's contiguous rows of the scan (rundir.load_shard)
+    embedder = engine_of_earlier_run(options, run_dir, rank, embedder, device, streams)
     # every setting that changes the numbers: a resume with another one is refused
     fingerprint = {"model_sha256": model_identity["sha256"], "model_config": model_identity["config"],
-                   "features": embedder.fbank.describe(), "dtype": embedder.dtype, "channels": options.channels,
+                   "features": embedder.fbank.describe(), "dtype": embedder.dtype, "backend": embedder.backend,
+                   "channels": options.channels,
                    "max_chunk_s": options.max_chunk_s, "fused": options.fuse, **scan_fingerprint(scan),
                    "world_size": world, "rank": rank}
     store, previous = open_rank_store(run_dir, rank, fingerprint, options.overwrite)
