@@ -95,6 +95,16 @@ def write_npy(path, array: np.ndarray) -> Path:
     return Path(path)
 
 
+def _read_at(handle, view: memoryview, offset: int, lock) -> int:
+    """Read into ``view`` at ``offset`` without moving a shared file position where the OS allows
+    (``os.preadv``); elsewhere under ``lock``, with seek and readinto."""
+    if hasattr(os, "preadv"):
+        return os.preadv(handle.fileno(), [view], offset)
+    with lock:
+        handle.seek(offset)
+        return handle.readinto(view)
+
+
 class MappedNpy:
     """A read-only map of a ``.npy`` file; ``block(a, b)`` copies rows a:b and releases their pages."""
 
@@ -174,7 +184,7 @@ class MappedNpy:
             view = memoryview(out.reshape(-1).view(np.uint8))
             done = 0
             while done < len(view):  # positioned reads: no shared file offset, so threads may read at once
-                got = os.preadv(fd, [view[done:]], where + done)
+                got = _read_at(self._file, view[done:], where + done, self._open_lock)
                 if not got:
                     raise ValueError(f"{self.path}: ends before row {stop} (cut short?)")
                 done += got

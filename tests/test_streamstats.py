@@ -90,3 +90,23 @@ def test_mapped_npy_reads_blocks_and_np_load_mmap_agrees(tmp_path):
     (tmp_path / "cut.npy").write_bytes((tmp_path / "x.npy").read_bytes()[:-10])
     with pytest.raises(ValueError, match="cut short"):
         MappedNpy(tmp_path / "cut.npy")
+
+
+@pytest.mark.parametrize("positioned", [True, False])
+def test_mapped_npy_reads_from_threads_at_once(tmp_path, positioned, monkeypatch):
+    """``read`` is safe from several threads (similar() scans ranges in parallel), with os.preadv
+    and, where the OS lacks it, with the locked seek-and-read fallback."""
+    from concurrent.futures import ThreadPoolExecutor
+    if not positioned:
+        monkeypatch.delattr("os.preadv", raising=False)
+    data = np.random.default_rng(1).standard_normal((5000, 7)).astype(np.float32)
+    with NpyWriter(tmp_path / "x.npy", len(data), (7,)) as writer:
+        writer.write(data)
+    mapped = MappedNpy(tmp_path / "x.npy")
+
+    def read(start):
+        return start, mapped.read(start, start + 37).copy()
+    with ThreadPoolExecutor(4) as pool:
+        for start, rows in pool.map(read, list(range(0, 5000, 37)) * 3):
+            assert np.array_equal(rows, data[start:start + 37])
+    mapped.close()
