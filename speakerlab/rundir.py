@@ -78,6 +78,12 @@ def _metadata_or_none(meta) -> Optional[dict]:
         return None
     if any(not isinstance(meta.get(name) or {}, dict) for name in ("fingerprint", "counts")):
         return None
+    fingerprint = meta.get("fingerprint")
+    if fingerprint and "dtype" in fingerprint and "backend" not in fingerprint:
+        # written before the backend joined the fingerprint: its engine record says which one ran
+        # (torch, unless OpenVINO was asked for), so such a rank still resumes and merges
+        engine = meta.get("engine") if isinstance(meta.get("engine"), dict) else {}
+        fingerprint["backend"] = engine.get("backend") or "torch"
     return meta
 
 

@@ -289,3 +289,17 @@ def test_a_resumed_rank_keeps_the_engine_its_run_started_with(tmp_path, monkeypa
     RankStore(run_dir.path, 0).write_metadata({"rank": 0, "fingerprint": {"backend": "nope", "dtype": "fp32"}})
     assert main_mod.engine_of_earlier_run(options, run_dir, 0, here, None, 1) is here  # cannot run it: refused later
     assert len(built) == 2
+
+
+def test_a_rank_written_before_the_backend_joined_the_fingerprint_still_resumes(tmp_path):
+    """Rank metadata of the previous version has no "backend" in its fingerprint: read back, it
+    gets the backend its engine record names (torch by default), so the rank resumes and merges."""
+    from speakerlab.rundir import RankStore, RunDir
+    run_dir = RunDir(tmp_path / "run")
+    old = {"rank": 0, "complete": False, "fingerprint": {"dtype": "bf16", "fused": True}}
+    RankStore(run_dir.path, 0).write_metadata(old)
+    assert RankStore(run_dir.path, 0).read_metadata()["fingerprint"] == {"dtype": "bf16", "fused": True,
+                                                                         "backend": "torch"}
+    RankStore(run_dir.path, 1).write_metadata(dict(old, rank=1, engine={"backend": "openvino", "dtype": "bf16"}))
+    assert run_dir.read_metadata(1)["fingerprint"]["backend"] == "openvino"  # the merge's reader
+    assert RankStore(run_dir.path, 1).read_metadata()["fingerprint"]["backend"] == "openvino"
