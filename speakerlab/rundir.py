@@ -565,8 +565,10 @@ class RankStore:
     def _parts(self) -> List[Path]:
         return sorted(self.parts_dir.glob("part_*.npz")) if self.parts_dir.is_dir() else []
 
-    def load_parts(self) -> None:
-        """Take in what earlier (possibly killed) runs flushed: counts and failures, not embeddings."""
+    def load_parts(self) -> set:
+        """Take in what earlier (possibly killed) runs flushed: counts and failures, not embeddings.
+        Returns the keys done (embedded or failed), read once here for the caller's to-do list; the
+        store itself keeps no set of them."""
         seen: set = set()
         for part in self._parts():
             self._part_index = max(self._part_index, int(part.stem.split("_")[1]))
@@ -585,6 +587,7 @@ class RankStore:
             self.failures.extend(failures)
             if keys and dim:
                 self.dim = int(dim)
+        return seen | set(self._keys) | {f["key"] for f in self.failures}
 
     def done_keys(self) -> set:
         """Keys embedded (flushed, read back from the parts, or pending) or failed. Asked when a run

@@ -301,8 +301,7 @@ def run_shard(options: ExtractOptions, run_dir: RunDir, scan, run_id: str, embed
                                  "fused": options.fuse, "length_grid": embedder.grid},
                 "engine": embedder.choice}  # backend and dtype, and why (speakerlab/calibration.py)
     store.write_metadata(metadata)
-    store.load_parts()
-    done = store.done_keys()
+    done = store.load_parts()  # the parts are read once: their keys make the to-do list
     todo = [u for u in shard if u.key not in done]
     if done:
         log.info("rank %d: resuming, %d of %d utterances already done", rank, len(done), len(shard))
