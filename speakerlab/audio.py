@@ -110,7 +110,7 @@ def check_content(wave: np.ndarray, label: str) -> None:
     energy = 0.0
     for first in range(0, len(wave), BLOCK_FRAMES):  # float64 (tiny values square to 0 in float32), in blocks
         block = wave[first:first + BLOCK_FRAMES].astype(np.float64) - mean
-        energy += float(block @ block)
+        energy += float(np.einsum("i,i->", block, block))  # not BLAS: its idle threads spin in decode workers
     if energy == 0.0:
         raise AudioError(label, "validate", f"constant signal: every sample is {wave[0]:.6g} (a DC offset, no sound)")
     level = 10.0 * math.log10(energy / len(wave))

@@ -1,13 +1,17 @@
 """Optional CPU engines for the model, exported from our own modules (``pip install .[openvino]``).
 
 The torch path stays the reference and the fallback. OpenVINO runs the same network faster on CPU
-(its own graph fusion and kernels; measured in bench/, see README "Throughput"): the body of the
-model -- everything after the first conv, which reads the fbank -- is traced from our modules
-(``forward_body``, padding masked exactly as in torch, dynamic batch and length) and converted
-once per model, torch and OpenVINO version into ``$SPEAKERLAB_CACHE/openvino/``. The first conv
-stays in torch in fp32, as the torch path keeps it under bf16 (rounding the fbank is where most of
-bf16's error comes from: OpenVINO all-bf16 gave CAM++ cosine 0.99924 to fp32 on real speech, with
-the fp32 stem 0.99964, the same as torch bf16).
+(its own graph fusion and kernels; measured in bench/, see README "Throughput"): the whole model,
+fbank features in, embedding out, is traced from our modules (``forward_stem`` then
+``forward_body``, padding masked exactly as in torch, dynamic batch and length) and converted once
+per model, torch and OpenVINO version into ``$SPEAKERLAB_CACHE/openvino/``. The stem -- the first
+conv, which reads the fbank, with its BatchNorm, ReLU and input mask -- is marked ``precise`` in the
+graph, so OpenVINO runs it in fp32 under a bf16 precision hint, as the torch path keeps it (rounding
+the fbank is where most of bf16's error comes from: OpenVINO all-bf16 gave CAM++ cosine 0.99924 to
+fp32 on real speech, with the fp32 stem 0.99967). Until export version 1 the stem ran in torch and
+only the body in OpenVINO; handing OpenVINO the stem's 32-channel fp32 map cost a copy and a layout
+conversion per batch, and CAM++ bf16 ran 1.37x faster whole (measured: 112x -> 153x real time per
+single-threaded stream, batches of 4 x 15 s).
 """
 import hashlib
 import logging
@@ -24,8 +28,8 @@ import torch
 log = logging.getLogger("speakerlab")
 
 BACKENDS = ("torch", "openvino")
-# Bumped when the exported graph changes, so cached exports are redone.
-EXPORT_VERSION = 1
+# Bumped when the exported graph changes, so cached exports are redone (2: the whole model, stem marked precise).
+EXPORT_VERSION = 2
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 
 
@@ -98,15 +102,40 @@ def model_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-class _Body(torch.nn.Module):
-    """What is traced: the model after its first conv."""
+class _Traced(torch.nn.Module):
+    """What is traced: the whole model, fbank (B, T, F) and valid frame counts (B,) in."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_body(h, lengths)
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_body(self.model.forward_stem(feats, lengths), lengths)
+
+
+def mark_stem_precise(graph) -> list:
+    """Mark the stem -- the first Convolution's ReLU and everything it is computed from (the fbank's
+    transpose, the padding mask, the conv with its folded BatchNorm) -- as ``precise``: OpenVINO then
+    keeps it in fp32 under a bf16 precision hint. Returns the marked op types. The serializer turns
+    the ``precise_0`` key into OpenVINO's DisableFP16Compression attribute in the saved IR."""
+    ops = graph.get_ordered_ops()
+    first_conv = next((i for i, op in enumerate(ops) if op.get_type_name() == "Convolution"), None)
+    relu = next((op for op in ops[first_conv:] if op.get_type_name() == "Relu"), None) \
+        if first_conv is not None else None
+    if relu is None:
+        raise BackendError("export: no Convolution followed by a Relu (the stem) in the traced graph")
+    marked, todo, seen = [], [relu], set()
+    while todo:
+        node = todo.pop()
+        if node.get_name() in seen:
+            continue
+        seen.add(node.get_name())
+        node.get_rt_info()["precise_0"] = ""
+        marked.append(node.get_type_name())
+        todo.extend(i.get_source_output().get_node() for i in node.inputs())
+    if marked.count("Convolution") != 1:
+        raise BackendError(f"export: the stem should hold one Convolution, found {marked.count('Convolution')}")
+    return marked
 
 
 def _fresh_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -122,7 +151,8 @@ def _fresh_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def export_openvino(model: torch.nn.Module, path: Path) -> None:
-    """Trace ``model.forward_body`` on a padded example batch and save OpenVINO IR at ``path`` (.xml)."""
+    """Trace the model on a padded example batch, mark its stem precise and save OpenVINO IR at
+    ``path`` (.xml)."""
     import openvino as ov
     fresh = _fresh_copy(model)
     feat_dim = int(getattr(fresh, "feat_dim", 80))
@@ -130,13 +160,12 @@ def export_openvino(model: torch.nn.Module, path: Path) -> None:
     with torch.no_grad():
         feats = torch.randn(2, frames, feat_dim, generator=torch.Generator().manual_seed(0))
         lengths = torch.tensor([frames, 300])
-        h = fresh.forward_stem(feats, lengths)
         with warnings.catch_warnings():  # the tracer's notes on shape arithmetic: handled in the models
             warnings.simplefilter("ignore")
-            traced = torch.jit.trace(_Body(fresh), (h, lengths), check_trace=False)
-            converted = ov.convert_model(traced, example_input=(h, lengths), input=[
-                (ov.PartialShape([-1, h.shape[1], h.shape[2], -1]), ov.Type.f32),
-                (ov.PartialShape([-1]), ov.Type.i64)])
+            traced = torch.jit.trace(_Traced(fresh), (feats, lengths), check_trace=False)
+            converted = ov.convert_model(traced, example_input=(feats, lengths), input=[
+                (ov.PartialShape([-1, -1, feat_dim]), ov.Type.f32), (ov.PartialShape([-1]), ov.Type.i64)])
+    mark_stem_precise(converted)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
         staged = Path(tmp) / path.name
@@ -149,29 +178,32 @@ def export_path(model: torch.nn.Module, digest: Optional[str] = None) -> Path:
     from speakerlab.zoo import cache_dir
     key = hashlib.sha1(f"{digest or model_digest(model)}|torch {torch.__version__}|openvino {openvino_version()}"
                        f"|export {EXPORT_VERSION}".encode()).hexdigest()[:20]
-    return cache_dir() / "openvino" / key / "body.xml"
+    return cache_dir() / "openvino" / key / "model.xml"
 
 
-class OpenVINOBody:
-    """``model.forward_body`` compiled by OpenVINO for ``precision`` (fp32 | bf16).
+class OpenVINOModel:
+    """The model (fbank in, embedding out) compiled by OpenVINO for ``precision`` (fp32 | bf16).
 
     ``streams`` threads may call it at once (the pipeline's model streams): each calling thread gets
     its own infer request, and the compiled model has that many streams of ``threads`` threads.
     """
 
     def __init__(self, model: torch.nn.Module, precision: str, streams: int = 1, threads: int = 1,
-                 digest: Optional[str] = None):
+                 digest: Optional[str] = None, defer: bool = False):
+        """``defer``: export now (if not cached) but compile on ``compile()`` or first use -- the
+        pipeline starts its decode workers first, so they decode while this compiles."""
         if precision not in PRECISIONS:
             raise BackendError(f"openvino backend runs fp32 or bf16, not {precision}")
         if openvino_version() is None:
             raise BackendError("the openvino backend needs OpenVINO: pip install .[openvino] (or openvino)")
         path = export_path(model, digest)
         if not path.is_file():
-            log.info("exporting the model body to OpenVINO (once per model and version): %s", path.parent)
+            log.info("exporting the model to OpenVINO (once per model and version): %s", path.parent)
             export_openvino(model, path)
         self.precision = precision
         self.path = path
-        self.compiled = openvino_core().compile_model(str(path), "CPU", {
+        self.feat_dim = int(getattr(model, "feat_dim", 80))
+        self.config = {
             "CACHE_DIR": str(path.parent / "compiled"),  # compiled blobs: faster start-up
             # explicit both ways: OpenVINO's CPU default is bf16 where the CPU has it
             "INFERENCE_PRECISION_HINT": PRECISIONS[precision],
@@ -184,16 +216,33 @@ class OpenVINOBody:
             # 1.5x slower for a whole calibration (and auto then chose it wrong 2 times in 3); unpinned,
             # the same probes repeat within 3%.
             "ENABLE_CPU_PINNING": False,
-        })
+        }
+        self.compiled = None
         # One infer request per calling thread, held here (not in thread-local storage, which a
         # finished thread would tear down apart from the compiled model they belong to).
         self._requests = {}
         self._lock = threading.Lock()
+        if not defer:
+            self.compile()
+
+    def compile(self) -> None:
+        """Compile (from OpenVINO's blob cache after the first time) and run one small inference, so
+        the process's first inference -- which must run alone, see ``openvino_core`` -- is done before
+        model streams call in. Idempotent and thread-safe."""
+        with self._lock:
+            if self.compiled is not None:
+                return
+            self.compiled = openvino_core().compile_model(str(self.path), "CPU", self.config)
+        frames = 200
+        self(torch.zeros(1, frames, self.feat_dim).normal_(generator=torch.Generator().manual_seed(0)),
+             torch.tensor([frames]))
 
     def _request(self):
         ident = threading.get_ident()
         request = self._requests.get(ident)
         if request is None:
+            if self.compiled is None:
+                self.compile()
             with self._lock:
                 request = self._requests[ident] = self.compiled.create_infer_request()
         return request
@@ -206,9 +255,10 @@ class OpenVINOBody:
     def __del__(self):
         self.close()
 
-    def __call__(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def __call__(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, T, F) fbank and (B,) valid frame counts -> (B, D) fp32 embeddings."""
         request = self._request()
-        h = h.detach().float().contiguous().cpu().numpy()
+        h = feats.detach().float().contiguous().cpu().numpy()
         lengths = lengths.detach().to(torch.int64).cpu().numpy()
         if not _primed.is_set():  # the process's first inference runs alone (see openvino_core)
             with _core_lock:

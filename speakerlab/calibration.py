@@ -86,11 +86,11 @@ def probe_wave(seconds: float, rate: int) -> np.ndarray:
 def _cache_file(embedder, options: List[Tuple[str, str]]) -> Path:
     """Not keyed on the thread plan: the pipeline and the Python API then make the same choice (and
     the same numbers); fp32/bf16 and torch/OpenVINO ratios hardly move with the thread count."""
-    from speakerlab.backends import openvino_version
+    from speakerlab.backends import EXPORT_VERSION, openvino_version
     from speakerlab.zoo import cache_dir
     key = json.dumps({"cpu": cpu_identity(), "model": embedder.model_digest, "torch": torch.__version__,
                       "openvino": openvino_version(), "candidates": options, "fused": embedder.fused,
-                      "version": CALIBRATION_VERSION}, sort_keys=True)
+                      "version": CALIBRATION_VERSION, "export": EXPORT_VERSION}, sort_keys=True)
     return cache_dir() / "calibration" / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".json")
 
 
@@ -112,12 +112,14 @@ def _write_cache(path: Path, data: dict) -> None:
         log.warning("cannot cache the calibration in %s: %s", path.parent, exc)
 
 
-def _engine(embedder, backend: str, dtype: str, streams: int):
+def _engine(embedder, backend: str, dtype: str, streams: int, defer: bool = False):
+    """The compiled engine for (backend, dtype), None for torch. ``defer``: the chosen engine of a
+    run, compiled at ``Embedder.prepare()`` or first use (measured candidates are compiled at once)."""
     if backend == "torch":
         return None
-    from speakerlab.backends import OpenVINOBody
-    return OpenVINOBody(embedder.model, dtype, streams=streams, threads=torch.get_num_threads(),
-                        digest=embedder.model_digest)
+    from speakerlab.backends import OpenVINOModel
+    return OpenVINOModel(embedder.model, dtype, streams=streams, threads=torch.get_num_threads(),
+                         digest=embedder.model_digest, defer=defer)
 
 
 def min_cosine(option: Tuple[str, str]) -> float:
@@ -189,7 +191,7 @@ def choose_engine(embedder, dtype: str, backend: str, streams: int = 1, gpu_defa
     record = {"cpu": cpu_identity()["model"], "amx": has_amx(), "candidates": ["/".join(o) for o in options]}
     if len(options) == 1:
         chosen = options[0]
-        embedder.use_engine(chosen[0], chosen[1], _engine(embedder, *chosen, streams))
+        embedder.use_engine(chosen[0], chosen[1], _engine(embedder, *chosen, streams, defer=True))
         return {"backend": chosen[0], "dtype": chosen[1], "why": "given" if "auto" not in (dtype, backend)
                 else "the only candidate on this machine", **record}
     cache = _cache_file(embedder, options)
@@ -197,8 +199,8 @@ def choose_engine(embedder, dtype: str, backend: str, streams: int = 1, gpu_defa
     if cached is not None and (cached["backend"], cached["dtype"]) in options:
         chosen = (cached["backend"], cached["dtype"])
         try:
-            embedder.use_engine(chosen[0], chosen[1], _engine(embedder, *chosen, streams))
-        except Exception as exc:  # e.g. its export or compiled blob is gone and fails to build: measure anew
+            embedder.use_engine(chosen[0], chosen[1], _engine(embedder, *chosen, streams, defer=True))
+        except Exception as exc:  # e.g. its export is gone and fails to build: measure anew
             log.warning("auto: the cached choice %s/%s did not build (%s); measuring again", *chosen,
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             cached = None

@@ -206,6 +206,12 @@ class Embedder:
             self._digest = model_digest(self.model)
         return self._digest
 
+    def prepare(self) -> None:
+        """Finish what the engine left for later (OpenVINO: compile, one small inference); else it
+        happens on the first batch. The pipeline calls this once its decode workers are running."""
+        if self.engine is not None and hasattr(self.engine, "compile"):
+            self.engine.compile()
+
     def use_engine(self, backend: str, dtype: str, engine=None) -> None:
         """Run as ``backend`` in ``dtype`` from now on (``engine``: the backend's compiled body)."""
         self.backend, self.dtype, self.engine = backend, dtype, engine
@@ -226,10 +232,9 @@ class Embedder:
                 feats = F.pad(feats, (0, 0, 0, padded - feats.shape[1]))
         lengths = None if bool((frames == feats.shape[1]).all()) else frames  # host: no device sync
         if self.engine is not None and (dtype is None or dtype == self.dtype):
-            # the first conv in torch fp32, the rest in the backend
-            h = self.model.forward_stem(feats, lengths)
+            # the whole model in the backend (its stem in fp32 there, see backends.py)
             full = torch.full((feats.shape[0],), feats.shape[1], dtype=torch.long)
-            return self.engine(h, full if lengths is None else lengths).float()
+            return self.engine(feats, full if lengths is None else lengths).float()
         with self._autocast(dtype):
             out = self.model(feats, lengths)
         return out.float()
@@ -257,15 +262,18 @@ class Embedder:
         return first + second
 
     @torch.inference_mode()
-    def embed(self, waves: torch.Tensor, lengths: torch.Tensor) -> List[Result]:
-        """(B, N) padded float waveforms at the model's rate -> one Result per row."""
-        return self.submit(waves, lengths).results()
+    def embed(self, waves: Optional[torch.Tensor], lengths: torch.Tensor,
+              feats: Optional[torch.Tensor] = None) -> List[Result]:
+        """(B, N) padded float waveforms at the model's rate -> one Result per row. ``feats``: their
+        (B, T, F) fbank, already computed (``self.fbank`` of the same waves; ``waves`` may be None)."""
+        return self.submit(waves, lengths, feats).results()
 
     @torch.inference_mode()
-    def submit(self, waves: torch.Tensor, lengths: torch.Tensor) -> Pending:
+    def submit(self, waves: Optional[torch.Tensor], lengths: torch.Tensor,
+               feats: Optional[torch.Tensor] = None) -> Pending:
         """Queue a batch on the device and return at once (CUDA): nothing here reads a value back
         from the device -- frame counts come from the host-side ``lengths``, and the embeddings come
-        back in one asynchronous copy (``Pending.results()`` waits for it)."""
+        back in one asynchronous copy (``Pending.results()`` waits for it). ``feats`` as in ``embed``."""
         lengths = lengths.cpu()  # (from the loader: already on the host)
         frames = self.fbank.frame_lengths(lengths)
         frames_list = frames.tolist()
@@ -283,7 +291,10 @@ class Embedder:
                 normal.append(row)
         rows, outputs = [], []
         with exact_fp32(self.exact_fp32):
-            feats, _ = self.fbank(waves.to(self.device, non_blocking=True), lengths)
+            if feats is None:
+                feats, _ = self.fbank(waves.to(self.device, non_blocking=True), lengths)
+            else:
+                feats = feats.to(self.device, non_blocking=True)
             if normal:
                 index = torch.tensor(normal)
                 sub = feats.index_select(0, index.to(feats.device, non_blocking=True))

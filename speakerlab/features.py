@@ -89,11 +89,13 @@ class FbankConfig:
 class Fbank(torch.nn.Module):
     """Batched Kaldi fbank + mean normalisation. Always computed in fp32."""
 
-    def __init__(self, config: FbankConfig = FbankConfig(), max_frames_per_chunk: int = 20000):
+    def __init__(self, config: FbankConfig = FbankConfig(), max_frames_per_chunk: Optional[int] = None):
         super().__init__()
         self.config = config
-        # Frames are materialised chunk by chunk so an hour of audio never needs the whole
-        # (frames x 512) complex spectrum at once.
+        # Frames are materialised chunk by chunk (of all rows together) so an hour of audio never
+        # needs the whole (frames x 512) complex spectrum at once. None: by device -- on CPU chunks
+        # small enough that the intermediates stay in cache (measured, 4 x 15 s, one thread: 39 ms
+        # with 20000 frames, 17 with 4000, 12 with 1000, 12 with 500), on GPU large (fewer launches).
         self.max_frames_per_chunk = max_frames_per_chunk
         self.register_buffer("window", povey_window(config.frame_length), persistent=False)
         self.register_buffer("mel", kaldi_mel_banks(config.num_mel_bins, config.n_fft,
@@ -136,7 +138,8 @@ class Fbank(torch.nn.Module):
             feats = torch.empty(waves.shape[0], total, cfg.num_mel_bins, device=waves.device)
             if total > 0:
                 frames = waves.unfold(1, cfg.frame_length, cfg.frame_shift)  # (B, T, L), a view
-                step = max(1, self.max_frames_per_chunk // max(1, waves.shape[0]))
+                chunk = self.max_frames_per_chunk or (1024 if waves.device.type == "cpu" else 20000)
+                step = max(1, chunk // max(1, waves.shape[0]))
                 for start in range(0, total, step):
                     feats[:, start:start + step] = self._log_mel(frames[:, start:start + step])
             if cfg.mean_norm and total > 0:

@@ -81,24 +81,53 @@ def test_engine_equals_fp32_torch(fixtures_dir, waves, reference, name, kwargs, 
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_forward_body_traces_for_every_length(fixtures_dir, name):
-    """The export's premise, checked without OpenVINO: one trace of ``forward_body`` on a padded batch
+def test_model_traces_for_every_length(fixtures_dir, name):
+    """The export's premise, checked without OpenVINO: one trace of the model on a padded batch
     computes the eager model for other batch sizes, lengths and paddings (nothing baked in)."""
     config = load_config(fixtures_dir / name / "config.yaml")
     model = load_model(config, fixtures_dir / name / "model.ckpt")
-    body = backends._Body(model)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lengths = torch.tensor([233, 150])  # CAM++: two 100-frame segments and a part after its stride 2
-        traced = torch.jit.trace(body, (model.forward_stem(torch.randn(2, 233, 80), lengths), lengths),
-                                 check_trace=False)
+        traced = torch.jit.trace(backends._Traced(model), (torch.randn(2, 233, 80), lengths), check_trace=False)
         for frames, lens in ((311, [311, 200, 37]), (129, [129]), (101, [101, 60])):
             x = torch.randn(len(lens), frames, 80)
             lens = torch.tensor(lens)
             want = model(x, lens)
-            got = traced(model.forward_stem(x, lens), lens)
+            got = traced(x, lens)
             assert got.shape == want.shape
             assert torch.nn.functional.cosine_similarity(got, want).min() >= 0.99999, (name, frames)
+
+
+@needs_openvino
+@pytest.mark.skipif(not backends.openvino_bf16(), reason="OpenVINO has no bf16 here")
+@pytest.mark.parametrize("name", FAMILIES)
+def test_openvino_bf16_runs_the_stem_in_fp32(fixtures_dir, cache, name):
+    """Under a bf16 hint, the conv that reads the fbank runs (and hands on) fp32, the others bf16:
+    what OpenVINO actually compiled, read from its runtime graph in execution order."""
+    config = load_config(fixtures_dir / name / "config.yaml")
+    engine = backends.OpenVINOModel(load_model(config, fixtures_dir / name / "model.ckpt"), "bf16")
+    runtime = engine.compiled.get_runtime_model().get_ordered_ops()
+    convs = sorted((int(op.get_rt_info()["execOrder"].astype(str)), op.get_rt_info()["runtimePrecision"].astype(str))
+                   for op in runtime if op.get_rt_info()["layerType"].astype(str) == "Convolution")
+    assert convs[0][1] == "f32", convs[:3]
+    assert {p for _, p in convs[1:]} == {"bf16"}, convs
+
+
+def test_export_marks_one_conv_as_the_stem(fixtures_dir):
+    """mark_stem_precise refuses a graph where the stem is not one conv (what it marks is checked)."""
+    pytest.importorskip("openvino")
+    import openvino as ov
+    x = ov.opset8.parameter([1, 1, 8, 8], ov.Type.f32)
+    w = ov.opset8.constant(np.ones((2, 1, 3, 3), np.float32))
+    conv = ov.opset8.convolution(x, w, [1, 1], [1, 1], [1, 1], [1, 1])
+    relu = ov.opset8.relu(ov.opset8.convolution(conv, ov.opset8.constant(np.ones((2, 2, 1, 1), np.float32)),
+                                                [1, 1], [0, 0], [0, 0], [1, 1]))
+    with pytest.raises(backends.BackendError, match="one Convolution, found 2"):
+        backends.mark_stem_precise(ov.Model([relu], [x]))
+    good = ov.Model([ov.opset8.relu(conv)], [x])
+    assert sorted(backends.mark_stem_precise(good)) == ["Constant", "Convolution", "Parameter", "Relu"]
+    assert all("precise_0" in op.get_rt_info() for op in good.get_ordered_ops() if op.get_type_name() != "Result")
 
 
 @pytest.fixture
@@ -200,7 +229,10 @@ def test_fp32_from_another_engine_must_be_fp32_close(fixtures_dir, cache, monkey
     (its CPU default is bf16 where the CPU has bf16)."""
     rig_measure(monkeypatch, "openvino/fp32", {"openvino/fp32": 0.9995})
     assert build(fixtures_dir, "campplus_tiny", dtype="fp32", backend="auto").backend == "torch"
-    engine = build(fixtures_dir, "campplus_tiny", dtype="fp32", backend="openvino").engine
+    embedder = build(fixtures_dir, "campplus_tiny", dtype="fp32", backend="openvino")
+    assert embedder.engine.compiled is None  # compiled at prepare() (the pipeline: after its workers fork)
+    embedder.prepare()
+    engine = embedder.engine
     assert str(engine.compiled.get_property("INFERENCE_PRECISION_HINT")) in ("<Type: 'float32'>", "f32")
 
 
@@ -228,8 +260,8 @@ from speakerlab.config import load_config
 from speakerlab.models import load_model
 
 model = load_model(load_config(sys.argv[1] + "/config.yaml"), sys.argv[1] + "/model.ckpt")
-first = backends.OpenVINOBody(model, "fp32")   # as a calibration does: engines made in turn,
-second = backends.OpenVINOBody(model, "fp32")  # the first (a loser) released first
+first = backends.OpenVINOModel(model, "fp32")   # as a calibration does: engines made in turn,
+second = backends.OpenVINOModel(model, "fp32")  # the first (a loser) released first
 del first; gc.collect()
 del second; gc.collect()
 

@@ -317,10 +317,10 @@ def test_model_error_fails_only_its_file(tmp_path, capsys, monkeypatch):
     poisoned = int((0.5 + 0.1 * 2) * 16000)
     original = embedder_mod.Embedder.embed
 
-    def flaky(self, waves, lengths):
+    def flaky(self, waves, lengths, feats=None):
         if poisoned in lengths.tolist():
             raise RuntimeError("boom")
-        return original(self, waves, lengths)
+        return original(self, waves, lengths, feats)
 
     monkeypatch.setattr(embedder_mod.Embedder, "embed", flaky)
     for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "MASTER_ADDR"):

@@ -11,6 +11,7 @@ from speakerlab.batching import pad_waves
 from speakerlab.config import load_config
 from speakerlab.embedder import Embedder
 from speakerlab.extract.main import batch_size_cap
+from speakerlab.extract.loader import Batch
 from speakerlab.extract.worker import ModelStreams, SteadyRate, embed_batch
 from speakerlab.models import load_model
 from tests.helpers import extract_cmd, micro_model, tone, write_wav
@@ -32,7 +33,7 @@ def loader_batches(events=None):
         if events is not None:
             events.append(f"load {i // 2}")
         batch, lengths = pad_waves(WAVES[i:i + 2])
-        yield [i, i + 1], batch, lengths, []
+        yield Batch([i, i + 1], batch, lengths, [])
 
 
 def test_next_batch_is_queued_before_the_previous_is_stored(tiny_embedder):
@@ -43,10 +44,10 @@ def test_next_batch_is_queued_before_the_previous_is_stored(tiny_embedder):
         device = torch.device("cuda")  # what turns the overlap on by default
         fbank = tiny_embedder.fbank
 
-        def submit(self, waves, lengths):
+        def submit(self, waves, lengths, feats=None):
             number = sum(e.startswith("submit") for e in events)
             events.append(f"submit {number}")
-            pending = tiny_embedder.submit(waves, lengths)
+            pending = tiny_embedder.submit(waves, lengths, feats)
 
             def results():
                 events.append(f"wait {number}")

@@ -10,6 +10,8 @@ from speakerlab.config import load_config
 from speakerlab.embedder import Embedder
 from speakerlab.embedder import default_batch_frames
 from speakerlab.extract import ModelStreams, cpu_plan
+from speakerlab.extract.loader import Batch, collate
+from speakerlab.features import Fbank
 from speakerlab.batching import pad_waves
 from speakerlab.models import load_model
 from tests.helpers import tone
@@ -31,7 +33,7 @@ class FakeEmbedder:
         self.lock = threading.Lock()
         self.fail_on = fail_on
 
-    def embed(self, waves, lengths):
+    def embed(self, waves, lengths, feats=None):
         long = waves.shape[1] > 12000 * 160
         with self.lock:
             self.active += 1
@@ -53,7 +55,7 @@ def fake_batches(count, long_every=None):
         n = 1000 + i
         if long_every and i % long_every == 0:
             n = 12001 * 160
-        yield [i] * rows, torch.zeros(rows, n), torch.full((rows,), n), []
+        yield Batch([i] * rows, torch.zeros(rows, n), torch.full((rows,), n), [])
 
 
 @pytest.mark.parametrize("streams", [1, 2, 4])
@@ -61,7 +63,7 @@ def test_results_in_loader_order(streams):
     fake = FakeEmbedder()
     out = list(ModelStreams(fake, streams, 1, 3000).map(fake_batches(25)))
     assert [batch[0][0] for batch, _ in out] == list(range(25))
-    for (indices, _, lengths, _), results in out:
+    for (indices, _, lengths, _, _), results in out:
         assert results == [int(n) for n in lengths]
     assert fake.peak <= streams and (streams == 1 or fake.peak > 1)
 
@@ -82,8 +84,8 @@ def test_long_batches_run_one_at_a_time():
 
 def test_empty_batches_pass_through():
     def batches():
-        yield [], torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), [(0, "bad")]
-        yield [1], torch.zeros(1, 500), torch.tensor([500]), []
+        yield Batch([], torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), [(0, "bad")])
+        yield Batch([1], torch.zeros(1, 500), torch.tensor([500]), [])
     out = list(ModelStreams(FakeEmbedder(), 2, 1, 3000).map(batches()))
     assert out[0][1] == [] and out[1][1] == [500]
 
@@ -116,9 +118,51 @@ def test_real_model_streams_equal_one_stream(fixtures_dir):
     def batches():
         for i in range(0, 8, 2):
             batch, lengths = pad_waves(waves[i:i + 2])
-            yield [i, i + 1], batch, lengths, []
+            yield Batch([i, i + 1], batch, lengths, [])
 
     one = [r for _, rs in ModelStreams(embedder, 1, 1, 3000).map(batches()) for r in rs]
     two = [r for _, rs in ModelStreams(embedder, 2, 1, 3000).map(batches()) for r in rs]
     for a, b in zip(one, two):
         np.testing.assert_allclose(a.embedding, b.embedding, rtol=1e-5, atol=1e-6)
+
+
+def test_features_from_the_decode_worker_equal_the_model_side_fbank(fixtures_dir):
+    """CPU runs compute the fbank in the decode worker (collate with an fbank): the batch then carries
+    features, not waves, and the embeddings are those of the fbank computed beside the model --
+    also when a batch fails and is retried one utterance at a time (each row's features sliced)."""
+    config = load_config(fixtures_dir / "campplus_tiny" / "config.yaml")
+    embedder = Embedder(load_model(config, fixtures_dir / "campplus_tiny" / "model.ckpt"), config,
+                        torch.device("cpu"), dtype="fp32")
+    waves = [tone(0.4 + 0.35 * i, seed=i, freq=150 + 15 * i) for i in range(6)]
+    items = list(enumerate(waves))
+    plain = collate(items)
+    with_feats = collate(items, fbank=Fbank(embedder.fbank.config))
+    assert plain.feats is None and with_feats.waves is None
+    assert with_feats.feats.shape[1] == embedder.fbank.frame_lengths(plain.lengths).max()
+    want = embedder.embed(plain.waves, plain.lengths)
+    got = [r for _, rs in ModelStreams(embedder, 2, 1, 3000).map([with_feats]) for r in rs]
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(a.embedding, b.embedding, rtol=1e-5, atol=1e-6)
+    from speakerlab.extract.worker import embed_batch
+    original = embedder._forward_splitting
+    calls = []
+
+    def fail_once(feats, frames, dtype=None):  # the batch fails: every row is retried alone
+        calls.append(feats.shape)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return original(feats, frames, dtype)
+
+    embedder._forward_splitting = fail_once
+    retried = embed_batch(embedder, None, with_feats.lengths, with_feats.feats)
+    assert [tuple(c) for c in calls[1:]] == [(1, int(n), 80) for n in embedder.fbank.frame_lengths(plain.lengths)]
+    for a, b in zip(want, retried):
+        np.testing.assert_allclose(a.embedding, b.embedding, rtol=1e-5, atol=1e-6)
+
+
+def test_an_fbank_that_fails_in_the_worker_hands_on_the_waves():
+    class Broken(torch.nn.Module):
+        def forward(self, waves, lengths):
+            raise MemoryError("no room")
+    batch = collate([(0, tone(0.5)), (1, tone(0.7))], fbank=Broken())
+    assert batch.feats is None and batch.waves.shape == (2, int(0.7 * 16000))

@@ -84,18 +84,31 @@ class WaveDataset(torch.utils.data.Dataset):
 
 
 class Batch(NamedTuple):
-    """One decoded batch: ``waves`` (B, N) padded, ``lengths`` (B,), ``indices`` their dataset
-    indices; ``bad`` the [(index, AudioError)] of files that did not decode."""
+    """One decoded batch: ``waves`` (B, N) padded, ``lengths`` (B,) sample counts, ``indices`` their
+    dataset indices; ``bad`` the [(index, AudioError)] of files that did not decode; ``feats`` the
+    (B, T, F) fbank when the decode worker computed it (CPU runs: ``waves`` is then None)."""
     indices: List[int]
-    waves: torch.Tensor
+    waves: Optional[torch.Tensor]
     lengths: torch.Tensor
     bad: list
+    feats: Optional[torch.Tensor] = None
 
 
-def collate(items) -> Batch:
+def collate(items, fbank=None) -> Batch:
+    """Pad a batch's decoded files; with ``fbank`` (an ``features.Fbank``), compute its features here,
+    in the decode worker: on CPU that takes the fbank off the model's cores (and the features are half
+    the size of the waves they replace). Should the fbank fail, the waves go on instead and the model
+    side computes it (and fails just the files that make it fail)."""
     good = [(i, w) for i, w in items if not isinstance(w, AudioError)]
     bad = [(i, w) for i, w in items if isinstance(w, AudioError)]
     waves, lengths = pad_waves([w for _, w in good])
+    if fbank is not None and good:
+        try:
+            with torch.inference_mode():
+                feats, _ = fbank(waves, lengths)
+            return Batch([i for i, _ in good], None, lengths, bad, feats)
+        except Exception:
+            pass
     return Batch([i for i, _ in good], waves, lengths, bad)
 
 

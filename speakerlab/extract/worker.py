@@ -1,5 +1,6 @@
 """Embed one shard: batches planned by length, decoded by the loader, run through model streams,
 results and failures written to a store. Knows nothing of ranks, scans or the command line."""
+import functools
 import logging
 import signal
 import threading
@@ -58,19 +59,21 @@ class ModelStreams:
         self.overlap = (getattr(getattr(embedder, "device", None), "type", None) == "cuda"
                         if overlap is None else overlap)
 
-    def _embed(self, waves, lengths):
-        frames = waves.shape[1] // self.embedder.fbank.config.frame_shift
+    def _embed(self, batch):
+        frames = (batch.feats.shape[1] if batch.feats is not None
+                  else batch.waves.shape[1] // self.embedder.fbank.config.frame_shift)
         if self.streams > 1 and frames > max(self.batch_frames, 12000):
             with self._oversized:
-                return embed_batch(self.embedder, waves, lengths)
-        return embed_batch(self.embedder, waves, lengths)
+                return embed_batch(self.embedder, batch.waves, batch.lengths, batch.feats)
+        return embed_batch(self.embedder, batch.waves, batch.lengths, batch.feats)
 
     def map(self, loader):
         """Yield (batch, [Result per utterance]) for each loader batch, in loader order."""
         if self.streams == 1 and self.overlap:
             previous = None
             for batch in loader:
-                queued = (batch, submit_batch(self.embedder, batch[1], batch[2]) if batch[0] else list)
+                queued = (batch, submit_batch(self.embedder, batch.waves, batch.lengths, batch.feats)
+                          if batch.indices else list)
                 if previous is not None:
                     yield previous[0], previous[1]()
                 previous = queued
@@ -79,13 +82,13 @@ class ModelStreams:
             return
         if self.streams == 1:
             for batch in loader:
-                yield batch, (self._embed(batch[1], batch[2]) if batch[0] else [])
+                yield batch, (self._embed(batch) if batch.indices else [])
             return
         window = deque()
         with ThreadPoolExecutor(self.streams, initializer=torch.set_num_threads,
                                 initargs=(self.threads,)) as pool:
             for batch in loader:
-                window.append((batch, pool.submit(self._embed, batch[1], batch[2]) if batch[0] else None))
+                window.append((batch, pool.submit(self._embed, batch) if batch.indices else None))
                 while len(window) > 2 * self.streams:  # keep every stream busy, a few queued
                     done, future = window.popleft()
                     yield done, future.result() if future else []
@@ -115,13 +118,17 @@ def embed_shard(todo, embedder: Embedder, store, plan: ShardPlan, journal=None, 
                    plan_batches(est[left], plan.batch_frames, plan.batch_size, grid=embedder.grid,
                                 grid_steps=embedder.grid_steps)[::-1]]
         workers, prefetch = in_flight(batches, est, plan, notes)
+        # CPU: the decode workers compute the fbank too, off the model streams' cores (GPU: on the GPU)
+        fbank = embedder.fbank if workers > 0 and embedder.device.type == "cpu" else None
         loader = torch.utils.data.DataLoader(
             WaveDataset(todo, sr, plan.channels, journal), batch_sampler=batches, num_workers=workers,
-            collate_fn=collate, pin_memory=plan.pin_memory,
+            collate_fn=functools.partial(collate, fbank=fbank), pin_memory=plan.pin_memory,
             prefetch_factor=prefetch if workers > 0 else None)
         try:
+            batches_in = iter(loader)  # decode workers start here, and decode while the engine compiles
+            embedder.prepare()
             streams = ModelStreams(embedder, plan.streams, plan.threads, plan.batch_frames)
-            for batch, results in streams.map(loader):
+            for batch, results in streams.map(batches_in):
                 with signals_held():
                     for index, error in batch.bad:
                         store.fail(failure_record(todo[index], error.stage, error.reason))
@@ -184,20 +191,22 @@ def signals_held():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def embed_batch(embedder: Embedder, waves: torch.Tensor, lengths: torch.Tensor) -> List[Result]:
+def embed_batch(embedder: Embedder, waves: Optional[torch.Tensor], lengths: torch.Tensor,
+                feats: Optional[torch.Tensor] = None) -> List[Result]:
     """embedder.embed, but an exception in the model fails only the utterance that causes it: the
-    batch is retried one utterance at a time, and the shard goes on."""
-    return submit_batch(embedder, waves, lengths, queue=False)()
+    batch is retried one utterance at a time, and the shard goes on. ``feats``: the batch's fbank
+    when the decode worker computed it (``waves`` is then None)."""
+    return submit_batch(embedder, waves, lengths, feats, queue=False)()
 
 
-def submit_batch(embedder: Embedder, waves: torch.Tensor, lengths: torch.Tensor,
-                 queue: bool = True) -> Callable[[], List[Result]]:
+def submit_batch(embedder: Embedder, waves: Optional[torch.Tensor], lengths: torch.Tensor,
+                 feats: Optional[torch.Tensor] = None, queue: bool = True) -> Callable[[], List[Result]]:
     """``embed_batch`` in two steps: queue the batch on the device (``Embedder.submit``) and return a
     function that waits for its results -- so the rank stores one batch while the GPU runs the next."""
     try:
         if queue:
-            return embedder.submit(waves, lengths).results
-        results = embedder.embed(waves, lengths)
+            return embedder.submit(waves, lengths, feats).results
+        results = embedder.embed(waves, lengths, feats)
         return lambda: results
     except Exception as exc:
         if dead_workers(exc) is not None:  # a decode worker died (raised from torch's SIGCHLD handler)
@@ -210,8 +219,13 @@ def submit_batch(embedder: Embedder, waves: torch.Tensor, lengths: torch.Tensor,
         failed = [Result(error=("model", f"model error: {reason}"))]
         return lambda: failed
     log.warning("a batch of %d failed in the model (%s); retrying one by one", len(lengths), reason)
-    results = [embed_batch(embedder, waves[row:row + 1, :int(lengths[row])], lengths[row:row + 1])[0]
-               for row in range(len(lengths))]
+    if feats is not None:  # each row's features are its own (mean normalised over its own frames)
+        frames = embedder.fbank.frame_lengths(lengths).tolist()
+        results = [embed_batch(embedder, None, lengths[row:row + 1], feats[row:row + 1, :max(frames[row], 0)])[0]
+                   for row in range(len(lengths))]
+    else:
+        results = [embed_batch(embedder, waves[row:row + 1, :int(lengths[row])], lengths[row:row + 1])[0]
+                   for row in range(len(lengths))]
     return lambda: results
 
 
