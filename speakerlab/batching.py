@@ -50,6 +50,19 @@ def plan_batches(num_samples: Sequence[int], frames_per_batch: int, max_batch_si
     return [order[a:b].tolist() for a, b in zip(bounds, bounds[1:])]
 
 
+def split_tail(batches: List[List[int]], count: int) -> List[List[int]]:
+    """The last ``count`` batches cut in two (by rows; a batch of one stays whole): concurrent model
+    streams then end on half-size batches, and the one that finishes first idles for half as long
+    while the other runs its last batch."""
+    if count <= 0:
+        return list(batches)
+    head, tail = list(batches[:-count]), batches[-count:]
+    for batch in tail:
+        half = (len(batch) + 1) // 2
+        head.extend([batch[:half], batch[half:]] if len(batch) > 1 else [batch])
+    return head
+
+
 def pad_waves(waves: Sequence[np.ndarray]):
     """Right-pad 1-D float32 arrays into a (B, N) tensor plus their lengths."""
     lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from speakerlab.batching import grid_frames, pad_waves, plan_batches
+from speakerlab.batching import grid_frames, pad_waves, plan_batches, split_tail
 from speakerlab.config import load_config
 from speakerlab.embedder import Embedder
 from speakerlab.models import load_model
@@ -46,3 +46,17 @@ def test_grid_padding_does_not_change_embeddings(fixtures_dir):
             cos = (got[grid] * alone).sum(1) / np.linalg.norm(got[grid], axis=1) / np.linalg.norm(alone, axis=1)
             assert cos.min() > 0.99999, (name, grid)
         assert np.abs(got[True] - got[False]).max() <= 2e-5 * np.abs(got[False]).max(), name
+
+
+def test_split_tail_halves_the_last_batches_and_keeps_every_index_once():
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(16000, 16000 * 30, size=200)
+    batches = plan_batches(lengths, 6000, 128)[::-1]
+    split = split_tail(batches, 4)
+    assert all(len(b) > 1 for b in batches[-4:]) and len(split) == len(batches) + 4
+    assert split[:-8] == batches[:-4]  # the head is untouched
+    assert sorted(i for b in split for i in b) == list(range(200))
+    for whole, (a, b) in zip(batches[-4:], zip(split[-8::2], split[-7::2])):
+        assert a + b == whole and abs(len(a) - len(b)) <= 1
+    assert split_tail([[7], [1, 2, 3]], 2) == [[7], [1, 2], [3]]  # a batch of one stays whole
+    assert split_tail(batches, 0) == batches

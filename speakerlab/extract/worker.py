@@ -14,7 +14,7 @@ from typing import Callable, List, Optional
 import numpy as np
 import torch
 
-from speakerlab.batching import plan_batches
+from speakerlab.batching import plan_batches, split_tail
 from speakerlab.embedder import Embedder, Result, release_memory
 from speakerlab.hostmem import memory_limit_bytes, plan_in_flight, shm_free_bytes
 from speakerlab.extract.loader import (MAX_DECODER_CRASHES, WaveDataset, collate, crashed_files, dead_workers,
@@ -117,6 +117,8 @@ def embed_shard(todo, embedder: Embedder, store, plan: ShardPlan, journal=None, 
         batches = [left[batch].tolist() for batch in
                    plan_batches(est[left], plan.batch_frames, plan.batch_size, grid=embedder.grid,
                                 grid_steps=embedder.grid_steps)[::-1]]
+        if plan.streams > 1:  # and the streams' last batches halved, so they end closer together
+            batches = split_tail(batches, 2 * plan.streams)
         workers, prefetch = in_flight(batches, est, plan, notes)
         # CPU: the decode workers compute the fbank too, off the model streams' cores (GPU: on the GPU)
         fbank = embedder.fbank if workers > 0 and embedder.device.type == "cpu" else None
