@@ -337,3 +337,15 @@ def test_extraction_forks_decode_workers_after_openvino_ran_here(fixtures_dir, t
     keys = sorted(want)
     cos = cos_rows([got[k] for k in keys], [want[k] for k in keys])
     assert cos.min() >= 0.9999, cos.round(6).tolist()
+
+
+@needs_openvino
+def test_an_engine_that_does_not_compile_says_what_to_do(fixtures_dir, cache, monkeypatch):
+    embedder = build(fixtures_dir, "campplus_tiny", dtype="fp32", backend="openvino")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("blob unreadable")
+
+    monkeypatch.setattr(backends.openvino_core(), "compile_model", broken, raising=False)
+    with pytest.raises(backends.BackendError, match="did not compile from .*blob unreadable.*--backend torch"):
+        embedder.prepare()
