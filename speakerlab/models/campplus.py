@@ -425,9 +425,9 @@ class CAMPPlus(nn.Module):
         return lengths.to(device=device, dtype=torch.long, non_blocking=True)
 
     def forward_stem(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, T, F) fbank -> the first conv's map (B, C, F, T). The split lets an exported body
-        (speakerlab/backends.py) run in bf16 while this conv, where bf16 costs the most accuracy,
-        stays fp32 in torch."""
+        """(B, T, F) fbank -> the first conv's map (B, C, F, T): the stem, where bf16 costs the most
+        accuracy, so it stays fp32 on every engine (the OpenVINO export marks it precise,
+        speakerlab/backends.py)."""
         lengths = self._padded(lengths, x.shape[1], x.device)
         mask = None if lengths is None else lengths_to_mask(lengths, x.shape[1])
         return self.head.stem(x.transpose(1, 2), mask)  # (B, T, F) -> (B, F, T) -> (B, C, F, T)

@@ -315,9 +315,9 @@ class ERes2NetTrunk(nn.Module):
         return self.forward_body(self.forward_stem(x, lengths), lengths)
 
     def forward_stem(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, T, F) fbank -> the stem conv's map (B, m, F, T). The split lets an exported body
-        (speakerlab/backends.py) run in bf16 while this conv, where bf16 costs the most accuracy,
-        stays fp32 in torch."""
+        """(B, T, F) fbank -> the stem conv's map (B, m, F, T): the stem, where bf16 costs the most
+        accuracy, so it stays fp32 on every engine (the OpenVINO export marks it precise,
+        speakerlab/backends.py)."""
         return self.stem(x, self.stage_masks(lengths, x.shape[1], x.device)[0])
 
     def forward_body(self, h: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
