@@ -210,14 +210,15 @@ class Embedder:
         """Finish what the engine left for later (OpenVINO: compile, one small inference); else it
         happens on the first batch. The pipeline calls this once its decode workers are running."""
         if self.engine is not None and hasattr(self.engine, "compile"):
-            try:
-                self.engine.compile()
-            except Exception as exc:
-                from speakerlab.backends import BackendError
-                path = getattr(self.engine, "path", None)
-                raise BackendError(f"the {self.backend} engine ({self.dtype}) did not compile"
-                                   + (f" from {path}" if path else "") + f": {exc}; rerun with --backend torch"
-                                   + (f", or remove {path.parent} to export it again" if path else "")) from exc
+            self.engine.compile()
+
+    def engine_failure(self, exc: BaseException) -> Exception:
+        """What to tell the user when ``prepare()`` raised ``exc``: the engine, its file, what to do."""
+        from speakerlab.backends import BackendError
+        path = getattr(self.engine, "path", None)
+        return BackendError(f"the {self.backend} engine ({self.dtype}) did not compile"
+                            + (f" from {path}" if path else "") + f": {exc}; rerun with --backend torch"
+                            + (f", or remove {path.parent} to export it again" if path else ""))
 
     def use_engine(self, backend: str, dtype: str, engine=None) -> None:
         """Run as ``backend`` in ``dtype`` from now on (``engine``: the backend's compiled body)."""

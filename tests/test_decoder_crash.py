@@ -30,6 +30,14 @@ if os.environ.get("SPEAKERLAB_TEST_SLOW_MODEL"):  # the main thread is inside th
         time.sleep(float(os.environ["SPEAKERLAB_TEST_SLOW_MODEL"]))
         return _embed(self, *args, **kwargs)
     _embedder.Embedder.embed = _slow_embed
+if os.environ.get("SPEAKERLAB_TEST_SLOW_COMPILE"):  # the main thread is compiling when a worker dies
+    import time
+    import speakerlab.backends as _backends
+    _compile = _backends.OpenVINOModel.compile
+    def _slow_compile(self):
+        time.sleep(float(os.environ["SPEAKERLAB_TEST_SLOW_COMPILE"]))
+        return _compile(self)
+    _backends.OpenVINOModel.compile = _slow_compile
 '''
 
 
@@ -39,7 +47,12 @@ if os.environ.get("SPEAKERLAB_TEST_SLOW_MODEL"):  # the main thread is inside th
     # one stream, one file per batch, a slow model: the worker's death is reported (from torch's
     # SIGCHLD handler) while the main thread is in the model; it must not fail the file being embedded
     (signal.SIGSEGV, ["--streams", "1", "--batch_frames", "1", "SLOW"]),
-], ids=["segfault", "killed", "during-model"])
+    # the engine compiles after the workers fork: a worker dying then is a decoder crash, not a
+    # compile failure (nor a reason that tells the user to drop OpenVINO)
+    pytest.param(signal.SIGSEGV, ["--backend", "openvino", "--dtype", "fp32", "SLOWCOMPILE"],
+                 marks=pytest.mark.skipif(__import__("speakerlab.backends", fromlist=["x"]).openvino_version() is None,
+                                          reason="OpenVINO not installed")),
+], ids=["segfault", "killed", "during-model", "during-compile"])
 def test_decoder_crash_fails_one_file_and_the_run_goes_on(tmp_path, sig, extra):
     data = tmp_path / "data"
     names = ["a1", "a2", "boom1", "a3", "a4", "boom2", "a5"]
@@ -54,6 +67,9 @@ def test_decoder_crash_fails_one_file_and_the_run_goes_on(tmp_path, sig, extra):
         env["SPEAKERLAB_TEST_SLOW_MODEL"] = "1.2"
         env["SPEAKERLAB_TEST_CRASH_DELAY"] = "0.4"
         extra = [a for a in extra if a != "SLOW"]
+    if "SLOWCOMPILE" in extra:
+        env["SPEAKERLAB_TEST_SLOW_COMPILE"] = "1.5"
+        extra = [a for a in extra if a != "SLOWCOMPILE"]
     out = tmp_path / "out"
     model = micro_model(tmp_path / "model")
     r = run_cli(extract_cmd(data, out, *model, "--num_workers", "2", "--batch_frames", "60", *extra), env=env)
@@ -65,6 +81,7 @@ def test_decoder_crash_fails_one_file_and_the_run_goes_on(tmp_path, sig, extra):
     assert set(failed) == {"ds_spk0_boom1", "ds_spk1_boom2"}
     for record in failed.values():
         assert record["stage"] == "decode" and "the decoder crashed on this file" in record["reason"]
+        assert "backend" not in record["reason"] and "compile" not in record["reason"], record["reason"]
         assert "boom" in record["path"]
     with np.load(out / "rank_00" / "embeddings.npz") as f:
         assert sorted(f["keys"]) == sorted(f"ds_spk{i % 2}_{n}" for i, n in enumerate(names) if "boom" not in n)

@@ -279,6 +279,7 @@ def run_shard(options: ExtractOptions, run_dir: RunDir, scan, run_id: str, embed
     num_workers, threads, streams = cpu
     shard = scan.utterances  # this rank's contiguous rows of the scan (rundir.load_shard)
     embedder = engine_of_earlier_run(options, run_dir, rank, embedder, device, streams)
+    keep_until_exit(embedder)
     # every setting that changes the numbers: a resume with another one is refused
     fingerprint = {"model_sha256": model_identity["sha256"], "model_config": model_identity["config"],
                    "features": embedder.fbank.describe(), "dtype": embedder.dtype, "backend": embedder.backend,

@@ -128,7 +128,14 @@ def embed_shard(todo, embedder: Embedder, store, plan: ShardPlan, journal=None, 
             prefetch_factor=prefetch if workers > 0 else None)
         try:
             batches_in = iter(loader)  # decode workers start here, and decode while the engine compiles
-            embedder.prepare()
+            try:
+                embedder.prepare()
+            except Exception as exc:
+                # a worker that died meanwhile is reported here (torch's SIGCHLD handler runs in
+                # the main thread, wherever it is): a decoder crash, handled below, not the engine's
+                if dead_workers(exc) is not None:
+                    raise
+                raise embedder.engine_failure(exc) from exc
             streams = ModelStreams(embedder, plan.streams, plan.threads, plan.batch_frames)
             for batch, results in streams.map(batches_in):
                 with signals_held():
