@@ -234,8 +234,7 @@ class OpenVINOModel:
                 return
             self.compiled = openvino_core().compile_model(str(self.path), "CPU", self.config)
         frames = 200
-        self(torch.zeros(1, frames, self.feat_dim).normal_(generator=torch.Generator().manual_seed(0)),
-             torch.tensor([frames]))
+        self(torch.randn(1, frames, self.feat_dim, generator=torch.Generator().manual_seed(0)), torch.tensor([frames]))
 
     def _request(self):
         ident = threading.get_ident()

@@ -221,7 +221,7 @@ class Embedder:
                             + (f", or remove {path.parent} to export it again" if path else ""))
 
     def use_engine(self, backend: str, dtype: str, engine=None) -> None:
-        """Run as ``backend`` in ``dtype`` from now on (``engine``: the backend's compiled body)."""
+        """Run as ``backend`` in ``dtype`` from now on (``engine``: the backend's compiled model)."""
         self.backend, self.dtype, self.engine = backend, dtype, engine
 
     def _autocast(self, dtype: Optional[str] = None):

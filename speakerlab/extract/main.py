@@ -222,7 +222,6 @@ def run(options: ExtractOptions) -> int:
     num_workers, threads, streams = cpu_plan(options.num_workers, local_world, device, options.streams)
     torch.set_num_threads(threads)
     embedder, model_identity = build_embedder(options, device, streams)
-    keep_until_exit(embedder)
     if options.check_only:
         log.info("arguments OK: input %s, model %s, output dir %s", source["path"], model_identity["name"],
                  run_dir.path.absolute())
