@@ -16,6 +16,7 @@ single-threaded stream, batches of 4 x 15 s).
 import hashlib
 import logging
 import os
+import sys
 import tempfile
 import threading
 import warnings
@@ -37,10 +38,42 @@ class BackendError(RuntimeError):
     pass
 
 
+def _import_openvino():
+    """``import openvino`` without its model-conversion tools (``openvino.tools.ovc``), which running
+    a model does not need: importing them cost 0.1 s of every run's start-up, and their import sends
+    a usage event to OpenVINO's telemetry from a process forked off a background thread (in the middle
+    of our start-up, beside the decode workers). ``convert_model`` imports them when an export needs it."""
+    if "openvino" in sys.modules:
+        return sys.modules["openvino"]
+    held = "openvino.tools.ovc" not in sys.modules
+    if held:
+        sys.modules["openvino.tools.ovc"] = None  # openvino's __init__ then skips it (ImportError, caught)
+    try:
+        import openvino
+    finally:
+        if held and sys.modules.get("openvino.tools.ovc", False) is None:
+            del sys.modules["openvino.tools.ovc"]
+    return openvino
+
+
+def convert_model(*args, **kwargs):
+    """``openvino.convert_model``; OpenVINO's usage telemetry is left out of this process (its
+    ``openvino_telemetry`` package is hidden while the converter imports, so it uses its own stub)."""
+    held = "openvino.tools.ovc" not in sys.modules and "openvino_telemetry" not in sys.modules
+    if held:
+        sys.modules["openvino_telemetry"] = None
+    try:
+        from openvino.tools.ovc import convert_model as convert
+    finally:
+        if held and sys.modules.get("openvino_telemetry", False) is None:
+            del sys.modules["openvino_telemetry"]
+    return convert(*args, **kwargs)
+
+
 def openvino_version() -> Optional[str]:
     """OpenVINO's version when it is installed and imports, else None."""
     try:
-        import openvino
+        openvino = _import_openvino()
     except Exception:  # not installed, or a broken install: the torch path serves
         return None
     return getattr(openvino, "__version__", None) or openvino.get_version()
@@ -71,7 +104,7 @@ def openvino_core():
         with _core_lock:
             if _core is None:
                 import ctypes
-                import openvino as ov
+                ov = _import_openvino()
                 core = ov.Core()
                 ctypes.pythonapi.Py_IncRef(ctypes.py_object(core))  # immortal: see above
                 # OpenVINO's Type.to_dtype fills a C++ function-local static on first use and takes
@@ -153,7 +186,7 @@ def _fresh_copy(model: torch.nn.Module) -> torch.nn.Module:
 def export_openvino(model: torch.nn.Module, path: Path) -> None:
     """Trace the model on a padded example batch, mark its stem precise and save OpenVINO IR at
     ``path`` (.xml)."""
-    import openvino as ov
+    ov = _import_openvino()
     fresh = _fresh_copy(model)
     feat_dim = int(getattr(fresh, "feat_dim", 80))
     frames = 437  # two segments and a partial third for CAM++; odd, so every stride rounds
@@ -163,7 +196,7 @@ def export_openvino(model: torch.nn.Module, path: Path) -> None:
         with warnings.catch_warnings():  # the tracer's notes on shape arithmetic: handled in the models
             warnings.simplefilter("ignore")
             traced = torch.jit.trace(_Traced(fresh), (feats, lengths), check_trace=False)
-            converted = ov.convert_model(traced, example_input=(feats, lengths), input=[
+            converted = convert_model(traced, example_input=(feats, lengths), input=[
                 (ov.PartialShape([-1, -1, feat_dim]), ov.Type.f32), (ov.PartialShape([-1]), ov.Type.i64)])
     mark_stem_precise(converted)
     path.parent.mkdir(parents=True, exist_ok=True)

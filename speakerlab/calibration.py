@@ -37,19 +37,20 @@ CALIBRATION_VERSION = 3  # 3: OpenVINO candidates unpinned
 
 
 def cpu_identity() -> Dict[str, str]:
-    """The CPU's model name and feature flags (Linux /proc/cpuinfo; elsewhere what platform says)."""
-    name, flags = platform.processor() or platform.machine(), ""
+    """The CPU's model name and feature flags (Linux /proc/cpuinfo; elsewhere what platform says --
+    not on Linux, where platform.processor() runs ``uname -p`` in a subprocess, a fork of this process)."""
+    name, flags = "", ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             key = key.strip()
-            if key == "model name" and name in ("", platform.processor() or platform.machine()):
+            if key == "model name" and not name:
                 name = value.strip()
             elif key in ("flags", "Features") and not flags:
                 flags = value.strip()
     except OSError:
         pass
-    return {"model": name, "flags": flags}
+    return {"model": name or platform.processor() or platform.machine(), "flags": flags}
 
 
 def has_amx() -> bool:

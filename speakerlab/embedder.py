@@ -168,8 +168,7 @@ class Embedder:
         self.backend = "torch"
         self.engine = None  # the exported body (speakerlab/backends.py) when the backend is not torch
         self.model = model.eval().to(device)
-        self.fbank = Fbank(FbankConfig(sample_rate=config.sample_rate,
-                                       num_mel_bins=config.fbank_dim)).to(device)
+        self.fbank = features_for(config).to(device)
         self.min_frames = int(getattr(model, "min_frames", 2))
         if max_chunk_s is not None:
             max_chunk_frames = int(max_chunk_s * self.frames_per_second())
@@ -191,8 +190,7 @@ class Embedder:
         # builds kernels per shape (16 steps per octave, <= 6.25% padding, measured); on CUDA each
         # new (B, T) makes cuDNN choose its algorithms again, and padding costs compute in
         # proportion, so a coarser grid (8 steps, <= 12.5%) halves the shapes (unmeasured).
-        self.grid = device.type in ("cpu", "cuda") if grid is None else grid
-        self.grid_steps = GRID_STEPS_PER_OCTAVE if device.type == "cpu" else GRID_STEPS_PER_OCTAVE // 2
+        self.grid, self.grid_steps = length_grid(device, grid)
         # fp32 means fp32 on CUDA (no TF32): the fbank, the conv reading it, and --dtype fp32
         self.exact_fp32 = device.type == "cuda"
         from speakerlab.calibration import choose_engine
@@ -382,7 +380,18 @@ class Embedder:
         return self.embed(batch, lengths)
 
 
-def default_batch_frames(device: torch.device, model: torch.nn.Module) -> int:
+def features_for(config: ModelConfig) -> Fbank:
+    """The fbank a model of ``config`` reads (the embedder's, and the decode workers' on CPU)."""
+    return Fbank(FbankConfig(sample_rate=config.sample_rate, num_mel_bins=config.fbank_dim))
+
+
+def length_grid(device: torch.device, grid: Optional[bool] = None) -> Tuple[bool, int]:
+    """(pad batches to grid lengths?, grid steps per octave) on ``device``; ``grid`` None: the default."""
+    return (device.type in ("cpu", "cuda") if grid is None else grid,
+            GRID_STEPS_PER_OCTAVE if device.type == "cpu" else GRID_STEPS_PER_OCTAVE // 2)
+
+
+def default_batch_frames(device: torch.device, model) -> int:
     """Padded frames per batch. Measured on CPU (2-core AVX-512 bf16 machine, bf16, bench/):
     CAM++ per single-threaded stream 1500: 72x, 3000: 84x, 6000: 87x, 12000: 71x real time,
     whole pipeline 3000: 119x, 6000: 126x; ERes2NetV2 is fastest at batch size 1 (1500 frames:
@@ -390,4 +399,5 @@ def default_batch_frames(device: torch.device, model: torch.nn.Module) -> int:
     if device.type == "cuda":
         return 120000
     from speakerlab.models.eres2net_blocks import ERes2NetTrunk
-    return 1 if isinstance(model, ERes2NetTrunk) else 6000
+    cls = model if isinstance(model, type) else type(model)  # the model, or its class (not yet built)
+    return 1 if issubclass(cls, ERes2NetTrunk) else 6000

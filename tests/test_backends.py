@@ -351,3 +351,29 @@ def test_an_engine_that_does_not_compile_says_what_to_do(fixtures_dir, cache, mo
         embedder.prepare()
     told = str(embedder.engine_failure(raised.value))
     assert "did not compile from" in told and "blob unreadable" in told and "--backend torch" in told
+
+
+OPENVINO_WITHOUT_TOOLS = """
+import sys
+import torch
+from speakerlab import backends
+backends.openvino_core()  # what running an engine imports
+print("runtime:", "openvino.tools.ovc" in sys.modules, "openvino_telemetry" in sys.modules)
+model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+converted = backends.convert_model(torch.jit.trace(model, torch.randn(2, 4)), example_input=torch.randn(2, 4))
+compiled = backends.openvino_core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+x = torch.randn(2, 4)
+ok = torch.allclose(torch.from_numpy(compiled([x.numpy()])[0]), model(x).detach(), atol=1e-5)
+print("export:", "openvino.tools.ovc" in sys.modules, "openvino_telemetry" in sys.modules, ok)
+"""
+
+
+@needs_openvino
+def test_openvino_runs_without_its_conversion_tools_and_telemetry():
+    """Running an engine imports OpenVINO's runtime only: its model-conversion tools cost 0.1 s of
+    each start-up, and their import sends a telemetry event from a forked process. An export imports
+    the converter, still without the telemetry package (the converter uses its own stub)."""
+    from tests.helpers import run_cli
+    r = run_cli([sys.executable, "-c", OPENVINO_WITHOUT_TOOLS], timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "runtime: False False" in r.stdout and "export: True False True" in r.stdout, r.stdout

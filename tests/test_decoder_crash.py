@@ -30,6 +30,14 @@ if os.environ.get("SPEAKERLAB_TEST_SLOW_MODEL"):  # the main thread is inside th
         time.sleep(float(os.environ["SPEAKERLAB_TEST_SLOW_MODEL"]))
         return _embed(self, *args, **kwargs)
     _embedder.Embedder.embed = _slow_embed
+if os.environ.get("SPEAKERLAB_TEST_SLOW_LOAD"):  # the model loads when a worker dies (started early)
+    import time
+    import speakerlab.models as _models
+    _load_model = _models.load_model
+    def _slow_load_model(*args, **kwargs):
+        time.sleep(float(os.environ["SPEAKERLAB_TEST_SLOW_LOAD"]))
+        return _load_model(*args, **kwargs)
+    _models.load_model = _slow_load_model
 if os.environ.get("SPEAKERLAB_TEST_SLOW_COMPILE"):  # the main thread is compiling when a worker dies
     import time
     import speakerlab.backends as _backends
@@ -52,7 +60,10 @@ if os.environ.get("SPEAKERLAB_TEST_SLOW_COMPILE"):  # the main thread is compili
     pytest.param(signal.SIGSEGV, ["--backend", "openvino", "--dtype", "fp32", "SLOWCOMPILE"],
                  marks=pytest.mark.skipif(__import__("speakerlab.backends", fromlist=["x"]).openvino_version() is None,
                                           reason="OpenVINO not installed")),
-], ids=["segfault", "killed", "during-model", "during-compile"])
+    # a fresh rank's workers start before the model loads: a worker dying then must not break the
+    # load (nor a metadata write); it is reported once the shard's embedding starts
+    (signal.SIGSEGV, ["SLOWLOAD"]),
+], ids=["segfault", "killed", "during-model", "during-compile", "during-model-load"])
 def test_decoder_crash_fails_one_file_and_the_run_goes_on(tmp_path, sig, extra):
     data = tmp_path / "data"
     names = ["a1", "a2", "boom1", "a3", "a4", "boom2", "a5"]
@@ -67,6 +78,9 @@ def test_decoder_crash_fails_one_file_and_the_run_goes_on(tmp_path, sig, extra):
         env["SPEAKERLAB_TEST_SLOW_MODEL"] = "1.2"
         env["SPEAKERLAB_TEST_CRASH_DELAY"] = "0.4"
         extra = [a for a in extra if a != "SLOW"]
+    if "SLOWLOAD" in extra:
+        env["SPEAKERLAB_TEST_SLOW_LOAD"] = "1.5"
+        extra = [a for a in extra if a != "SLOWLOAD"]
     if "SLOWCOMPILE" in extra:
         env["SPEAKERLAB_TEST_SLOW_COMPILE"] = "1.5"
         extra = [a for a in extra if a != "SLOWCOMPILE"]

@@ -102,6 +102,35 @@ def test_kill_and_resume_equals_clean_run(setup):
     assert summary["total_input_files"] == NUM_GOOD + 2 and summary["failures"] == 2
 
 
+def test_decode_workers_start_before_the_model_on_a_fresh_rank_only(setup, tmp_path):
+    """A fresh rank (or one --overwrite redoes) starts its decode workers before the model loads, its
+    to-do list being its whole shard; a rank that resumes starts them once the engine, and so what is
+    done, is known. The numbers are the same either way."""
+    import shutil
+    base, root = setup
+    clean = json.loads((base / "clean" / "rank_00" / "metadata.json").read_text())
+    assert clean["batch_policy"]["workers_started_early"] is True
+    out = tmp_path / "again"
+    shutil.copytree(base / "clean", out)
+    r = run_cli(extract_cmd(root, out, *common_args(), "--overwrite"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads((out / "rank_00" / "metadata.json").read_text())
+    assert meta["batch_policy"]["workers_started_early"] is True and meta["counts"] == clean["counts"]
+    meta["complete"] = False  # as if killed before it finished, nothing flushed: redone, not early
+    (out / "rank_00" / "metadata.json").write_text(json.dumps(meta))
+    r = run_cli(extract_cmd(root, out, *common_args()))
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads((out / "rank_00" / "metadata.json").read_text())
+    assert meta["batch_policy"]["workers_started_early"] is False and meta["counts"] == clean["counts"]
+    r = run_cli(merge_cmd(out, tmp_path / "again_final"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    again, again_failures = load_utts(tmp_path / "again_final")
+    want, want_failures = load_utts(base / "clean_final")
+    assert sorted(again) == sorted(want) and again_failures == want_failures
+    for key in want:
+        np.testing.assert_allclose(again[key]["embedding"], want[key]["embedding"], rtol=1e-5, atol=1e-6)
+
+
 def test_finished_dir_is_a_no_op(setup):
     base, root = setup
     final_npz = base / "clean" / "rank_00" / "embeddings.npz"

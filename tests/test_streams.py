@@ -166,3 +166,20 @@ def test_an_fbank_that_fails_in_the_worker_hands_on_the_waves():
             raise MemoryError("no room")
     batch = collate([(0, tone(0.5)), (1, tone(0.7))], fbank=Broken())
     assert batch.feats is None and batch.waves.shape == (2, int(0.7 * 16000))
+
+
+def test_cpu_decode_workers_keep_many_feature_batches_ready(monkeypatch):
+    """Handing over features (CPU), a decode worker may run far ahead -- it decodes through the
+    model's start-up on an idle core -- as far as 128 MiB of batches; waves (GPU) keep 4 in flight."""
+    from speakerlab.extract import worker
+    monkeypatch.setattr(worker, "shm_free_bytes", lambda: 64 * 10 ** 9)
+    plan = worker.ShardPlan(batch_frames=6000, batch_size=128, num_workers=1, streams=2, threads=1)
+    minute = np.full(8, 16000 * 60)  # a batch of one minute each: 3.84 MB of samples
+    batches = [[i] for i in range(8)]
+    assert worker.in_flight(batches, minute, plan) == (1, 4)
+    assert worker.in_flight(batches, minute, plan, features=True) == (1, 32)
+    hour = np.full(8, 16000 * 3600)  # hour-long files: no deeper than before
+    assert worker.in_flight(batches, hour, plan, features=True) == (1, 4)
+    monkeypatch.setattr(worker, "shm_free_bytes", lambda: 100 * 2 ** 20)  # a small /dev/shm still caps it
+    workers, prefetch = worker.in_flight(batches, minute, plan, features=True)
+    assert workers == 1 and prefetch * 16000 * 60 * 4 <= 50 * 2 ** 20

@@ -145,6 +145,31 @@ def death_behind(exc: BaseException, patience: float = 1.0) -> Optional[BaseExce
         time.sleep(0.05)
 
 
+def quiet_workers(batches) -> bool:
+    """Take a started loader's workers out of torch's SIGCHLD check until ``watch_workers``: a worker
+    that dies meanwhile (a decoder crash while the model loads) then raises nothing wherever the main
+    thread is (mid-load, mid-write), and is reported by ``watch_workers`` instead. False (and nothing
+    changed) where torch's private API for it is missing."""
+    try:
+        from torch.utils.data._utils.signal_handling import _remove_worker_pids
+        if not getattr(batches, "_worker_pids_set", False):
+            return False
+        _remove_worker_pids(id(batches))
+    except (ImportError, RuntimeError):
+        return False
+    batches._worker_pids_set = False  # so its shutdown does not remove them again
+    return True
+
+
+def watch_workers(batches) -> None:
+    """Hand the workers of a ``quiet_workers`` loader back to torch's SIGCHLD check, and raise its
+    dead-worker error now if one died while they were out of it."""
+    from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails, _set_worker_pids
+    _set_worker_pids(id(batches), tuple(w.pid for w in batches._workers))
+    batches._worker_pids_set = True
+    _error_if_any_worker_fails()
+
+
 def crashed_files(exc: BaseException, journal: Optional[DecodeJournal], pending) -> list:
     """[(dataset index, how)] for the pending files dead decode workers were on; [] if unknown.
     Each dead worker's journal is removed once read (a later worker may reuse its pid)."""

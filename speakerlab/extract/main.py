@@ -18,6 +18,7 @@ import sys
 from datetime import datetime, timezone
 from typing import List, Optional
 
+import numpy as np
 import torch
 
 from speakerlab import data as data_mod
@@ -25,14 +26,15 @@ from speakerlab import manifest as manifest_mod
 from speakerlab import zoo
 from speakerlab.config import ConfigError, load_config
 from speakerlab.backends import BACKENDS
-from speakerlab.embedder import DTYPES, Embedder
+from speakerlab.embedder import DTYPES, Embedder, default_batch_frames, features_for, length_grid
 from speakerlab.extract.coordinate import describe_os_error, shared_scan, tell_waiting_ranks
-from speakerlab.extract.loader import DecodeJournal
+from speakerlab.extract.loader import DecodeJournal, dead_workers, quiet_workers
 from speakerlab.extract.options import ExtractOptions, UsageError
 from speakerlab.extract.runtime import cpu_plan, pick_device, rank_info, versions
-from speakerlab.extract.worker import ShardPlan, SteadyRate, embed_shard, signals_held
+from speakerlab.extract.worker import (EarlyStart, LoaderSpec, ShardPlan, SteadyRate, embed_shard, estimate_samples,
+                                       signals_held, start_batches)
 from speakerlab.hostmem import HostMemoryError
-from speakerlab.models import ModelLoadError, load_model
+from speakerlab.models import ModelLoadError, load_model, model_class
 from speakerlab.rundir import RankStore, RunDir, RunDirBusy, RunDirError, scan_fingerprint
 
 log = logging.getLogger("speakerlab")
@@ -148,6 +150,61 @@ def build_embedder(options: ExtractOptions, device: torch.device, streams: int =
     return embedder, identity
 
 
+def resolve_config(options: ExtractOptions):
+    """The model's config, and its checkpoint's presence, without loading it; bad choices are UsageErrors."""
+    try:
+        _, config_file, _ = zoo.resolve_model(options.model_path, options.config_file)
+        config = load_config(config_file)
+        model_class(config)
+    except (zoo.AssetError, zoo.ModelChoiceError, ConfigError, ModelLoadError) as exc:
+        raise UsageError(str(exc)) from None
+    return config
+
+
+def shard_plan(options: ExtractOptions, batch_frames: int, device: torch.device, cpu, local_world: int) -> ShardPlan:
+    num_workers, threads, streams = cpu
+    return ShardPlan(batch_frames=batch_frames, batch_size=batch_size_cap(options.batch_size, device),
+                     num_workers=num_workers, streams=streams, threads=threads, channels=options.channels,
+                     flush_every=options.flush_every, flush_seconds=options.flush_seconds,
+                     pin_memory=device.type == "cuda", processes_on_host=local_world)
+
+
+def early_start(options: ExtractOptions, run_dir: RunDir, scan, rank: int, config, device: torch.device, cpu,
+                local_world: int) -> Optional[EarlyStart]:
+    """Start a fresh rank's decode workers on its whole shard before the model loads, so they decode
+    on the cores the model load and compile leave idle (CAM++, 21 min of audio: the first 1.9 s of a
+    7.9 s run had one busy core). Only where the to-do list is known without the model: a rank with
+    no earlier run (no metadata), or one --overwrite wipes; else None and the workers start later."""
+    store = run_dir.store(rank)
+    if cpu[0] <= 0 or not scan.utterances:
+        return None
+    if options.overwrite:
+        store.wipe()  # as open_rank_store would: its journal is the workers' from now on
+    elif store.read_metadata() is not None or store.dir.exists() and any(store.dir.iterdir()):
+        return None  # resumed, complete or refused: decided once the engine is known
+    spec = LoaderSpec(config.sample_rate, features_for(config) if device.type == "cpu" else None,
+                      *length_grid(device, options.grid))
+    plan = shard_plan(options, options.batch_frames or default_batch_frames(device, model_class(config)),
+                      device, cpu, local_world)
+    todo = scan.utterances
+    journal = DecodeJournal(run_dir.journal_dir(rank))
+    journal.clear()
+    notes = {}
+    try:
+        batches = start_batches(todo, np.arange(len(todo)), estimate_samples(todo, spec.sample_rate), plan, spec,
+                                journal, notes)
+        # until embed_shard takes them over, a worker's death must not raise in the middle of the model
+        # load or a metadata write (torch raises it from its SIGCHLD handler, wherever the main thread is)
+        if not quiet_workers(batches):
+            batches._shutdown_workers()
+            return None
+    except RuntimeError as exc:
+        if dead_workers(exc) is None:
+            raise
+        return None  # died at once: the workers start again later, and the crash is handled there
+    return EarlyStart(batches, (spec.key(), plan), len(todo), journal, notes)
+
+
 def describe_difference(old: dict, new: dict) -> str:
     fields = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in fields)
@@ -221,15 +278,18 @@ def run(options: ExtractOptions) -> int:
     device = pick_device(options.use_gpu, options.gpu, local_rank, local_world)
     num_workers, threads, streams = cpu_plan(options.num_workers, local_world, device, options.streams)
     torch.set_num_threads(threads)
-    embedder, model_identity = build_embedder(options, device, streams)
     if options.check_only:
+        embedder, model_identity = build_embedder(options, device, streams)
         log.info("arguments OK: input %s, model %s, output dir %s", source["path"], model_identity["name"],
                  run_dir.path.absolute())
         return 0
+    config = resolve_config(options)  # a wrong model choice fails now, before the scan
     scan, run_id, lock = shared_scan(options, source, run_dir, rank, world)
     try:
+        early = early_start(options, run_dir, scan, rank, config, device, (num_workers, threads, streams), local_world)
+        embedder, model_identity = build_embedder(options, device, streams)
         return run_shard(options, run_dir, scan, run_id, embedder, model_identity, device,
-                         (rank, world, local_rank, local_world), (num_workers, threads, streams), started)
+                         (rank, world, local_rank, local_world), (num_workers, threads, streams), started, early)
     finally:
         if rank == 0:
             run_dir.release(lock)
@@ -272,8 +332,9 @@ def engine_of_earlier_run(options: ExtractOptions, run_dir: RunDir, rank: int, e
 
 
 def run_shard(options: ExtractOptions, run_dir: RunDir, scan, run_id: str, embedder: Embedder, model_identity: dict,
-              device: torch.device, ranks, cpu, started: datetime) -> int:
-    """This rank's shard of the scan: resumed, embedded, finalized."""
+              device: torch.device, ranks, cpu, started: datetime, early: Optional[EarlyStart] = None) -> int:
+    """This rank's shard of the scan: resumed, embedded, finalized. ``early``: its decode workers,
+    started before the model loaded (``early_start``)."""
     rank, world, local_rank, local_world = ranks
     num_workers, threads, streams = cpu
     shard = scan.utterances  # this rank's contiguous rows of the scan (rundir.load_shard)
@@ -285,7 +346,8 @@ def run_shard(options: ExtractOptions, run_dir: RunDir, scan, run_id: str, embed
                    "channels": options.channels,
                    "max_chunk_s": options.max_chunk_s, "fused": options.fuse, **scan_fingerprint(scan),
                    "world_size": world, "rank": rank}
-    store, previous = open_rank_store(run_dir, rank, fingerprint, options.overwrite)
+    # (an early start has wiped the store already for --overwrite; its workers' journal lives there)
+    store, previous = open_rank_store(run_dir, rank, fingerprint, options.overwrite and early is None)
     if previous is not None:
         missing = run_dir.missing_rank_pickles(rank)
         if missing:  # the embeddings are all there: only the files made from them are rewritten
@@ -299,11 +361,7 @@ def run_shard(options: ExtractOptions, run_dir: RunDir, scan, run_id: str, embed
             log.warning("rank %d: %d of %d files failed (see %s)", rank, counts["failed"], counts["assigned"],
                         store.metadata_path)
         return exit_status(counts["embedded"], counts["failed"], options.strict, scan_errors(scan, rank))
-    plan = ShardPlan(batch_frames=embedder.batch_frames(options.batch_frames),
-                     batch_size=batch_size_cap(options.batch_size, device),
-                     num_workers=num_workers, streams=streams, threads=threads, channels=options.channels,
-                     flush_every=options.flush_every, flush_seconds=options.flush_seconds,
-                     pin_memory=device.type == "cuda", processes_on_host=local_world)
+    plan = shard_plan(options, embedder.batch_frames(options.batch_frames), device, cpu, local_world)
     metadata = {"rank": rank, "world_size": world, "complete": False, "fingerprint": fingerprint,
                 "run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "model": model_identity,
                 "started": started.isoformat(), "command": sys.argv,
@@ -317,18 +375,28 @@ def run_shard(options: ExtractOptions, run_dir: RunDir, scan, run_id: str, embed
     if done:
         log.info("rank %d: resuming, %d of %d utterances already done", rank, len(done), len(shard))
     metadata["batch_policy"]["batch_frames"] = plan.batch_frames
-    journal = DecodeJournal(run_dir.journal_dir(rank)) if num_workers > 0 else None
-    if journal is not None:
-        journal.clear()  # an earlier run's; a fresh one per run
+    if early is not None and not early.matches(todo, LoaderSpec.of(embedder), plan):
+        # (parts without metadata, someone removed it; or a plan the model changed): its workers end with it
+        log.info("rank %d: the decode workers started before the model loaded were planned otherwise; "
+                 "starting them again", rank)
+        early = None
+    if early is not None:
+        journal = early.journal  # cleared before its workers started
+        metadata["batch_policy"].update(early.notes)
+    else:
+        journal = DecodeJournal(run_dir.journal_dir(rank)) if num_workers > 0 else None
+        if journal is not None:
+            journal.clear()  # an earlier run's; a fresh one per run
     log.info("rank %d/%d on %s (%s): %d utterances to do, %d decode workers, %d model stream(s) x %d "
              "thread(s), batches of <= %d frames", rank, world, device, embedder.dtype, len(todo), num_workers,
              streams, threads, plan.batch_frames)
-    metadata["batch_policy"].update({"streams": streams, "threads": threads, "num_workers": num_workers})
+    metadata["batch_policy"].update({"streams": streams, "threads": threads, "num_workers": num_workers,
+                                     "workers_started_early": early is not None})
 
     progress = make_progress(len(shard), len(done), rank, local_rank, options.no_progress)
     rate = SteadyRate()
     embed_shard(todo, embedder, store, plan, journal, progress, label=f"rank {rank}", rate=rate,
-                notes=metadata["batch_policy"])
+                notes=metadata["batch_policy"], early=early)
     metadata["timing"] = rate.summary(device)
     if metadata["timing"].get("steady_x_real_time"):
         log.info("rank %d: steady state %.1fx real time (%.0f s of audio in %.1f s after the first batch)", rank,

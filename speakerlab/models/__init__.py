@@ -46,15 +46,21 @@ class ModelLoadError(RuntimeError):
     pass
 
 
-def build_model(config: ModelConfig) -> torch.nn.Module:
+def model_class(config: ModelConfig) -> type:
+    """The class ``config`` names (nothing is built or loaded)."""
     factory = MODEL_CLASSES.get(config.obj)
     if factory is None:
         known = ", ".join(sorted(k for k in MODEL_CLASSES if "." in k))
         raise ModelLoadError(f"{config.source}: unknown model obj '{config.obj}' (known: {known})")
+    return factory()
+
+
+def build_model(config: ModelConfig) -> torch.nn.Module:
+    cls = model_class(config)
     try:
         with warnings.catch_warnings():  # torch's note on zero-size layers; refused just below
             warnings.filterwarnings("ignore", "Initializing zero-element tensors")
-            model = factory()(**config.args)
+            model = cls(**config.args)
     except (TypeError, ValueError) as exc:  # an unknown argument, or a value the class refuses
         raise ModelLoadError(f"{config.source}: bad args for {config.obj}: {exc}") from None
     empty = next((name for name, p in model.named_parameters() if p.numel() == 0), None)
