@@ -180,8 +180,10 @@ def early_start(options: ExtractOptions, run_dir: RunDir, scan, rank: int, confi
         return None
     if options.overwrite:
         store.wipe()  # as open_rank_store would: its journal is the workers' from now on
-    elif store.read_metadata() is not None or store.dir.exists() and any(store.dir.iterdir()):
-        return None  # resumed, complete or refused: decided once the engine is known
+    elif store.read_metadata() is not None or store.dir.exists() and any(
+            entry.name != run_dir.journal_dir(rank).name for entry in store.dir.iterdir()):
+        return None  # resumed, complete or refused: decided once the engine is known (a decode
+        # journal alone is what a run that failed before its metadata left: fresh all the same)
     spec = LoaderSpec(config.sample_rate, features_for(config) if device.type == "cpu" else None,
                       *length_grid(device, options.grid))
     plan = shard_plan(options, options.batch_frames or default_batch_frames(device, model_class(config)),
