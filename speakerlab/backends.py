@@ -53,6 +53,12 @@ def _import_openvino():
     finally:
         if held and sys.modules.get("openvino.tools.ovc", False) is None:
             del sys.modules["openvino.tools.ovc"]
+    if held and not hasattr(openvino, "convert_model"):  # for the user's own `ov.convert_model`: on first call
+        def convert_model(*args, **kwargs):
+            from openvino.tools.ovc import convert_model as convert
+            openvino.convert_model = convert
+            return convert(*args, **kwargs)
+        openvino.convert_model = convert_model
     return openvino
 
 

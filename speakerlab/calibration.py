@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,7 +51,9 @@ def cpu_identity() -> Dict[str, str]:
                 flags = value.strip()
     except OSError:
         pass
-    return {"model": name or platform.processor() or platform.machine(), "flags": flags}
+    if not name:  # (Linux without a "model name", e.g. aarch64: the machine, not `uname -p`)
+        name = platform.machine() if sys.platform.startswith("linux") else platform.processor() or platform.machine()
+    return {"model": name, "flags": flags}
 
 
 def has_amx() -> bool:
@@ -171,23 +174,31 @@ def measure(embedder, options: List[Tuple[str, str]], streams: int) -> Tuple[dic
     return ({"/".join(o): round(1000 * min(v), 2) for o, v in timings.items()}, cosines)
 
 
-def choose_engine(embedder, dtype: str, backend: str, streams: int = 1, gpu_default=None) -> dict:
-    """Resolve ``dtype`` / ``backend`` ("auto" or given) for ``embedder``, switch it to the choice and
-    return the record of what was chosen and why (metadata.json's "engine"). ``gpu_default(device)``
-    gives auto's dtype off CPU (the embedder's rule; passed in, so this module never imports it)."""
+def check_request(dtype: str, backend: str, device: torch.device) -> None:
+    """A ``dtype`` / ``backend`` request this machine cannot serve, as ValueError with one line (the
+    pipeline asks before its scan, so a wrong choice fails in a second)."""
     from speakerlab.backends import openvino_version
-    device = embedder.device
     if device.type != "cpu":
         if backend == "openvino":
             raise ValueError("the openvino backend runs on CPU only; use --backend torch (or auto) on GPU")
-        chosen = gpu_default(device) if dtype == "auto" else dtype
-        embedder.use_engine("torch", chosen)
-        return {"backend": "torch", "dtype": chosen,
-                "why": "given" if dtype != "auto" else "GPU default (see README)"}
+        return
     if backend == "openvino" and openvino_version() is None:
         raise ValueError("--backend openvino needs OpenVINO: pip install .[openvino] (or openvino)")
     if backend == "openvino" and dtype not in ("auto", "fp32", "bf16"):
         raise ValueError(f"the openvino backend runs fp32 or bf16, not {dtype}")
+
+
+def choose_engine(embedder, dtype: str, backend: str, streams: int = 1, gpu_default=None) -> dict:
+    """Resolve ``dtype`` / ``backend`` ("auto" or given) for ``embedder``, switch it to the choice and
+    return the record of what was chosen and why (metadata.json's "engine"). ``gpu_default(device)``
+    gives auto's dtype off CPU (the embedder's rule; passed in, so this module never imports it)."""
+    device = embedder.device
+    check_request(dtype, backend, device)
+    if device.type != "cpu":
+        chosen = gpu_default(device) if dtype == "auto" else dtype
+        embedder.use_engine("torch", chosen)
+        return {"backend": "torch", "dtype": chosen,
+                "why": "given" if dtype != "auto" else "GPU default (see README)"}
     options = candidates(dtype, backend)
     record = {"cpu": cpu_identity()["model"], "amx": has_amx(), "candidates": ["/".join(o) for o in options]}
     if len(options) == 1:

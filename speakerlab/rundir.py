@@ -559,8 +559,19 @@ class RankStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.metadata_path, metadata)
 
-    def wipe(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def wipe(self, keep: Optional[str] = None) -> None:
+        """Remove the rank's dir; ``keep``: but for that entry of it (the decode journal of workers
+        started before the store was opened)."""
+        if keep is None or not self.dir.is_dir():
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return
+        for entry in self.dir.iterdir():
+            if entry.name == keep:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
     def _parts(self) -> List[Path]:
         return sorted(self.parts_dir.glob("part_*.npz")) if self.parts_dir.is_dir() else []

@@ -365,6 +365,9 @@ compiled = backends.openvino_core().compile_model(converted, "CPU", {"INFERENCE_
 x = torch.randn(2, 4)
 ok = torch.allclose(torch.from_numpy(compiled([x.numpy()])[0]), model(x).detach(), atol=1e-5)
 print("export:", "openvino.tools.ovc" in sys.modules, "openvino_telemetry" in sys.modules, ok)
+import openvino as ov  # the user's own conversions still find openvino.convert_model
+from openvino import convert_model as users
+print("user:", users(torch.jit.trace(model, torch.randn(2, 4)), example_input=torch.randn(2, 4)) is not None)
 """
 
 
@@ -377,3 +380,4 @@ def test_openvino_runs_without_its_conversion_tools_and_telemetry():
     r = run_cli([sys.executable, "-c", OPENVINO_WITHOUT_TOOLS], timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "runtime: False False" in r.stdout and "export: True False True" in r.stdout, r.stdout
+    assert "user: True" in r.stdout, r.stdout

@@ -38,6 +38,9 @@ if os.environ.get("SPEAKERLAB_TEST_SLOW_LOAD"):  # the model loads when a worker
         time.sleep(float(os.environ["SPEAKERLAB_TEST_SLOW_LOAD"]))
         return _load_model(*args, **kwargs)
     _models.load_model = _slow_load_model
+    import sys as _sys  # (already imported by the hook above: its binding too)
+    if "speakerlab.extract.main" in _sys.modules:
+        _sys.modules["speakerlab.extract.main"].load_model = _slow_load_model
 if os.environ.get("SPEAKERLAB_TEST_SLOW_COMPILE"):  # the main thread is compiling when a worker dies
     import time
     import speakerlab.backends as _backends

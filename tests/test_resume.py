@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,6 +130,30 @@ def test_decode_workers_start_before_the_model_on_a_fresh_rank_only(setup, tmp_p
     assert sorted(again) == sorted(want) and again_failures == want_failures
     for key in want:
         np.testing.assert_allclose(again[key]["embedding"], want[key]["embedding"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["engine", "checkpoint"])
+def test_overwrite_with_a_bad_model_choice_fails_before_the_scan_and_keeps_the_run(setup, tmp_path, bad):
+    """--overwrite redoes a rank only once the new model has loaded: a dtype/backend this machine cannot
+    serve, or a damaged checkpoint, fails in a second (before the scan) and the complete run stays."""
+    import shutil
+    base, root = setup
+    out = tmp_path / "kept"
+    shutil.copytree(base / "clean", out)
+    before = (out / "rank_00" / "metadata.json").read_text()
+    args = common_args()
+    if bad == "engine":
+        args = [a for a in args if a not in ("--dtype", "fp32")] + ["--backend", "openvino", "--dtype", "fp16"]
+    else:
+        model = Path(args[args.index("--model_path") + 1])
+        broken = tmp_path / "broken.pt"
+        broken.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+        args[args.index("--model_path") + 1] = str(broken)
+    r = run_cli(extract_cmd(root, out, *args, "--overwrite"))
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "scanned" not in r.stderr and ("fp16" in r.stderr or "broken.pt" in r.stderr), r.stderr[-3000:]
+    assert (out / "rank_00" / "metadata.json").read_text() == before
+    assert (out / "rank_00" / "embeddings.npz").is_file()
 
 
 def test_finished_dir_is_a_no_op(setup):

@@ -138,11 +138,11 @@ def death_behind(exc: BaseException, patience: float = 1.0) -> Optional[BaseExce
     while True:
         try:
             _error_if_any_worker_fails()
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)  # (where torch's SIGCHLD handler may raise it too)
         except RuntimeError as death:
             return death if dead_workers(death) is not None else None
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(0.05)
 
 
 def quiet_workers(batches) -> bool:

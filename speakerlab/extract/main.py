@@ -34,7 +34,9 @@ from speakerlab.extract.runtime import cpu_plan, pick_device, rank_info, version
 from speakerlab.extract.worker import (EarlyStart, LoaderSpec, ShardPlan, SteadyRate, embed_shard, estimate_samples,
                                        signals_held, start_batches)
 from speakerlab.hostmem import HostMemoryError
-from speakerlab.models import ModelLoadError, load_model, model_class
+from speakerlab.calibration import check_request
+from speakerlab.embedder import check_engine_args
+from speakerlab.models import ModelLoadError, load_model, model_class, read_state_dict
 from speakerlab.rundir import RankStore, RunDir, RunDirBusy, RunDirError, scan_fingerprint
 
 log = logging.getLogger("speakerlab")
@@ -132,14 +134,47 @@ def describe_input(options: ExtractOptions) -> dict:
     return manifest_mod.describe_source(options.data_root, options.manifest, options.kaldi_dir, options.dataset)
 
 
-def build_embedder(options: ExtractOptions, device: torch.device, streams: int = 1):
-    """(embedder, model identity) for the options' model on ``device``; bad model choices are UsageErrors."""
+@dataclasses.dataclass
+class ResolvedModel:
+    """The options' model, checked and read but not built: its checkpoint, config and weights."""
+    path: object
+    config: object
+    name: str
+    state: Optional[dict] = None  # the checkpoint's tensors (read_state_dict), until the model is built
+
+
+def resolve_model(options: ExtractOptions, device: Optional[torch.device] = None,
+                  read: bool = True) -> ResolvedModel:
+    """What the options name, checked as far as possible without building the model (the pipeline asks
+    before its scan, so a wrong choice fails in a second): the checkpoint and config found, the config
+    naming a known model, the checkpoint read (``read``), the dtype/backend servable on ``device``.
+    Failures are UsageErrors."""
     try:
         model_path, config_file, model_name = zoo.resolve_model(options.model_path, options.config_file)
         config = load_config(config_file)
-        model = load_model(config, model_path)
-    except (zoo.AssetError, zoo.ModelChoiceError, ConfigError, ModelLoadError) as exc:
+        model_class(config)
+        state = read_state_dict(model_path) if read else None
+        if device is not None:
+            check_engine_args(options.dtype, options.backend)
+            check_request(options.dtype, options.backend, device)
+    except (zoo.AssetError, zoo.ModelChoiceError, ConfigError, ModelLoadError, ValueError) as exc:
         raise UsageError(str(exc)) from None
+    return ResolvedModel(model_path, config, model_name, state)
+
+
+def build_embedder(options: ExtractOptions, device: torch.device, streams: int = 1,
+                   resolved: Optional[ResolvedModel] = None):
+    """(embedder, model identity) for the options' model on ``device``; bad model choices are UsageErrors.
+    ``resolved``: from ``resolve_model`` (its weights are used, and let go of)."""
+    if resolved is None:
+        resolved = resolve_model(options, read=False)
+    model_path, config, model_name = resolved.path, resolved.config, resolved.name
+    state, resolved.state = resolved.state, None
+    try:
+        model = load_model(config, model_path, state=state)
+    except ModelLoadError as exc:
+        raise UsageError(str(exc)) from None
+    del state
     try:
         embedder = Embedder(model, config, device, dtype=options.dtype, backend=options.backend, streams=streams,
                             max_chunk_s=options.max_chunk_s, fuse=options.fuse, grid=options.grid)
@@ -148,17 +183,6 @@ def build_embedder(options: ExtractOptions, device: torch.device, streams: int =
     identity = {"name": model_name, "checkpoint": str(model_path), "sha256": zoo.sha256_of(model_path),
                 "config": config.to_dict()}
     return embedder, identity
-
-
-def resolve_config(options: ExtractOptions):
-    """The model's config, and its checkpoint's presence, without loading it; bad choices are UsageErrors."""
-    try:
-        _, config_file, _ = zoo.resolve_model(options.model_path, options.config_file)
-        config = load_config(config_file)
-        model_class(config)
-    except (zoo.AssetError, zoo.ModelChoiceError, ConfigError, ModelLoadError) as exc:
-        raise UsageError(str(exc)) from None
-    return config
 
 
 def shard_plan(options: ExtractOptions, batch_frames: int, device: torch.device, cpu, local_world: int) -> ShardPlan:
@@ -174,12 +198,13 @@ def early_start(options: ExtractOptions, run_dir: RunDir, scan, rank: int, confi
     """Start a fresh rank's decode workers on its whole shard before the model loads, so they decode
     on the cores the model load and compile leave idle (CAM++, 21 min of audio: the first 1.9 s of a
     7.9 s run had one busy core). Only where the to-do list is known without the model: a rank with
-    no earlier run (no metadata), or one --overwrite wipes; else None and the workers start later."""
+    no earlier run (no metadata), or one --overwrite redoes (it is wiped once the model has loaded, all
+    but the workers' journal: open_rank_store); else None and the workers start later."""
     store = run_dir.store(rank)
     if cpu[0] <= 0 or not scan.utterances:
         return None
     if options.overwrite:
-        store.wipe()  # as open_rank_store would: its journal is the workers' from now on
+        pass
     elif store.read_metadata() is not None or store.dir.exists() and any(
             entry.name != run_dir.journal_dir(rank).name for entry in store.dir.iterdir()):
         return None  # resumed, complete or refused: decided once the engine is known (a decode
@@ -212,25 +237,26 @@ def describe_difference(old: dict, new: dict) -> str:
     return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in fields)
 
 
-def open_rank_store(run_dir: RunDir, rank: int, fingerprint: dict, overwrite: bool):
+def open_rank_store(run_dir: RunDir, rank: int, fingerprint: dict, overwrite: bool, keep: Optional[str] = None):
     """(store, the earlier run's metadata when that run completed the rank): resume, wipe or refuse.
-    A rank marked complete whose final files are gone or unreadable is redone."""
+    A rank marked complete whose final files are gone or unreadable is redone. ``keep``: an entry of
+    the rank's dir a wipe leaves (the journal of decode workers already started)."""
     store = run_dir.store(rank)
     previous = store.read_metadata()
     if previous is not None and previous.get("fingerprint") != fingerprint:
         if not overwrite:
             raise UsageError(f"{store.dir} was made differently ({describe_difference(previous.get('fingerprint') or {}, fingerprint)}); "
                              "use another --output_dir or --overwrite")
-        store.wipe()
+        store.wipe(keep)
     elif overwrite:
-        store.wipe()
+        store.wipe(keep)
     elif previous is not None and previous.get("complete"):
         problem = run_dir.check_rank_outputs(rank, previous)
         if not problem:
             return store, previous
         # the parts were dropped when the rank completed: what the damaged file held is redone
         log.warning("rank %d was complete, but %s: redoing the rank", rank, problem)
-        store.wipe()
+        store.wipe(keep)
     return store, None
 
 
@@ -285,11 +311,17 @@ def run(options: ExtractOptions) -> int:
         log.info("arguments OK: input %s, model %s, output dir %s", source["path"], model_identity["name"],
                  run_dir.path.absolute())
         return 0
-    config = resolve_config(options)  # a wrong model choice fails now, before the scan
+    resolved = resolve_model(options, device)  # a wrong model choice fails now, before the scan
     scan, run_id, lock = shared_scan(options, source, run_dir, rank, world)
     try:
-        early = early_start(options, run_dir, scan, rank, config, device, (num_workers, threads, streams), local_world)
-        embedder, model_identity = build_embedder(options, device, streams)
+        early = early_start(options, run_dir, scan, rank, resolved.config, device, (num_workers, threads, streams),
+                            local_world)
+        try:
+            embedder, model_identity = build_embedder(options, device, streams, resolved)
+        except BaseException:
+            if early is not None:
+                early.close()
+            raise
         return run_shard(options, run_dir, scan, run_id, embedder, model_identity, device,
                          (rank, world, local_rank, local_world), (num_workers, threads, streams), started, early)
     finally:
@@ -348,8 +380,9 @@ def run_shard(options: ExtractOptions, run_dir: RunDir, scan, run_id: str, embed
                    "channels": options.channels,
                    "max_chunk_s": options.max_chunk_s, "fused": options.fuse, **scan_fingerprint(scan),
                    "world_size": world, "rank": rank}
-    # (an early start has wiped the store already for --overwrite; its workers' journal lives there)
-    store, previous = open_rank_store(run_dir, rank, fingerprint, options.overwrite and early is None)
+    # (a wipe leaves the journal of decode workers started before the model loaded)
+    store, previous = open_rank_store(run_dir, rank, fingerprint, options.overwrite,
+                                      keep=run_dir.journal_dir(rank).name if early is not None else None)
     if previous is not None:
         missing = run_dir.missing_rank_pickles(rank)
         if missing:  # the embeddings are all there: only the files made from them are rewritten
@@ -381,6 +414,7 @@ def run_shard(options: ExtractOptions, run_dir: RunDir, scan, run_id: str, embed
         # (parts without metadata, someone removed it; or a plan the model changed): its workers end with it
         log.info("rank %d: the decode workers started before the model loaded were planned otherwise; "
                  "starting them again", rank)
+        early.close()
         early = None
     if early is not None:
         journal = early.journal  # cleared before its workers started

@@ -131,6 +131,30 @@ class EarlyStart:
     def matches(self, todo, spec: LoaderSpec, plan: ShardPlan) -> bool:
         return self.count == len(todo) and self.key == (spec.key(), plan)
 
+    def take(self):
+        """The loader's iterator, handed over (back in torch's SIGCHLD check); this no longer holds it."""
+        batches, self.batches = self.batches, None
+        try:
+            watch_workers(batches)  # raises now if a worker died while the model loaded
+        except BaseException:
+            shut_down(batches)  # its other workers too (the journal still names the dead one's file)
+            raise
+        return batches
+
+    def close(self) -> None:
+        """Stop its workers (not taken: the model failed to load, or the plan differs)."""
+        batches, self.batches = self.batches, None
+        if batches is not None:
+            shut_down(batches)
+
+
+def shut_down(batches) -> None:
+    """Stop a loader iterator's decode workers now (not when it is collected)."""
+    try:
+        batches._shutdown_workers()
+    except Exception:  # a worker already dead, a private API changed: collection ends them all the same
+        pass
+
 
 def estimate_samples(todo, sample_rate: int) -> np.ndarray:
     """Each utterance's length at ``sample_rate`` from its header (arrays, not lists of ints: a rank
@@ -176,12 +200,14 @@ def embed_shard(todo, embedder: Embedder, store, plan: ShardPlan, journal=None, 
     left = np.arange(len(todo))
     if early is not None and not early.matches(todo, spec, plan):
         log.info("%sthe decode workers started early were planned otherwise: starting them again", prefix)
-        early = None  # (its workers end with its iterator)
+        early.close()
+        early = None
+    batches_in = None
     for attempt in range(MAX_DECODER_CRASHES + 1):
         try:
             if attempt == 0 and early is not None:
-                batches_in, early = early.batches, None
-                watch_workers(batches_in)  # a worker that died while the model loaded is reported here
+                taken, early = early, None
+                batches_in = taken.take()  # a worker that died while the model loaded is reported here
             else:
                 batches_in = start_batches(todo, left, est, plan, spec, journal, notes)
             try:  # the decode workers decode while the engine compiles
@@ -218,7 +244,11 @@ def embed_shard(todo, embedder: Embedder, store, plan: ShardPlan, journal=None, 
         except (RuntimeError, ConnectionError, EOFError) as error:
             # A worker killed while handing over a batch can surface as a broken connection before
             # torch's SIGCHLD handler reports it: ask torch which worker died.
-            exc = death_behind(error) if not isinstance(error, RuntimeError) else error
+            with signals_held():  # another worker's death must not interrupt this (it is asked below)
+                exc = death_behind(error) if not isinstance(error, RuntimeError) else error
+                if batches_in is not None:  # its other workers stop now (up to 32 batches ahead)
+                    shut_down(batches_in)
+                    batches_in = None
             if exc is None:
                 raise
             store.repair()  # in case an add was cut short all the same
@@ -308,10 +338,13 @@ def in_flight(batches, est, plan: ShardPlan, notes: Optional[dict] = None, featu
     ``features``: the workers hand over fbank features (CPU), small enough to keep many ready."""
     largest = int(max((len(b) * max(int(est[i]) for i in b) for b in batches if b), default=0)) * 4  # float32 samples
     prefetch = 4
-    if features:
-        prefetch = max(prefetch, min(CPU_PREFETCH_MAX, CPU_PREFETCH_BYTES // max(1, largest * max(1, plan.num_workers))))
+    shm_free = shm_free_bytes()
+    if features:  # deeper where it fits: within the budget, and within what plan_in_flight allows /dev/shm
+        room = CPU_PREFETCH_BYTES if shm_free is None else min(
+            CPU_PREFETCH_BYTES, shm_free // max(1, plan.processes_on_host) // 2)
+        prefetch = max(prefetch, min(CPU_PREFETCH_MAX, room // max(1, largest * max(1, plan.num_workers))))
     workers, prefetch, note = plan_in_flight(largest, plan.num_workers, prefetch, plan.processes_on_host,
-                                             shm_free_bytes(), pinned=plan.pin_memory,
+                                             shm_free, pinned=plan.pin_memory,
                                              memory_limit=memory_limit_bytes() if plan.pin_memory else None)
     if note:
         log.warning("host memory: %s", note)

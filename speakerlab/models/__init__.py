@@ -125,9 +125,11 @@ def load_weights(model: torch.nn.Module, state: Dict[str, torch.Tensor], config:
     model.load_state_dict(state, strict=True)
 
 
-def load_model(config: ModelConfig, checkpoint, device: Optional[torch.device] = None) -> torch.nn.Module:
+def load_model(config: ModelConfig, checkpoint, device: Optional[torch.device] = None,
+               state: Optional[Dict[str, torch.Tensor]] = None) -> torch.nn.Module:
+    """``state``: the checkpoint's state dict, already read (``read_state_dict``)."""
     model = build_model(config)
-    load_weights(model, read_state_dict(checkpoint), config, str(checkpoint))
+    load_weights(model, read_state_dict(checkpoint) if state is None else state, config, str(checkpoint))
     model.eval()
     if device is not None:
         model.to(device)
