@@ -78,6 +78,29 @@ def _torch_reason(exc: BaseException) -> str:
     return (useful or lines or [type(exc).__name__])[-1]
 
 
+def check_checkpoint(path) -> None:
+    """What can be told of a checkpoint without reading it (a millisecond; ``read_state_dict`` reads it):
+    it exists and is a whole torch file -- a zip archive with a pickle inside (torch.save's format; a
+    truncated one has no central directory), or a legacy pickle. ModelLoadError if not."""
+    import zipfile
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint not found: {path}")
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                if not any(name.endswith(".pkl") for name in archive.namelist()):
+                    raise ValueError("a zip archive without a pickle inside")
+            return
+        with open(path, "rb") as handle:
+            head = handle.read(2)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ModelLoadError(f"cannot read checkpoint {path}: not a PyTorch state_dict file, or damaged ({exc})") from None
+    if head[:1] != b"\x80":  # a pickle's protocol opcode (torch's legacy format starts with one too)
+        raise ModelLoadError(f"cannot read checkpoint {path}: not a PyTorch state_dict file, or damaged "
+                             "(neither a zip archive nor a pickle; a truncated torch.save file looks like this)")
+
+
 def read_state_dict(path) -> Dict[str, torch.Tensor]:
     """Load a checkpoint without executing code; unwrap {state_dict|model: ...} and 'module.'."""
     path = Path(path)
@@ -125,11 +148,9 @@ def load_weights(model: torch.nn.Module, state: Dict[str, torch.Tensor], config:
     model.load_state_dict(state, strict=True)
 
 
-def load_model(config: ModelConfig, checkpoint, device: Optional[torch.device] = None,
-               state: Optional[Dict[str, torch.Tensor]] = None) -> torch.nn.Module:
-    """``state``: the checkpoint's state dict, already read (``read_state_dict``)."""
+def load_model(config: ModelConfig, checkpoint, device: Optional[torch.device] = None) -> torch.nn.Module:
     model = build_model(config)
-    load_weights(model, read_state_dict(checkpoint) if state is None else state, config, str(checkpoint))
+    load_weights(model, read_state_dict(checkpoint), config, str(checkpoint))
     model.eval()
     if device is not None:
         model.to(device)
