@@ -32,7 +32,7 @@ from speakerlab.extract.loader import DecodeJournal, dead_workers, quiet_workers
 from speakerlab.extract.options import ExtractOptions, UsageError
 from speakerlab.extract.runtime import cpu_plan, pick_device, rank_info, versions
 from speakerlab.extract.worker import (EarlyStart, LoaderSpec, ShardPlan, SteadyRate, embed_shard, estimate_samples,
-                                       signals_held, start_batches)
+                                       shut_down, signals_held, start_batches)
 from speakerlab.hostmem import HostMemoryError
 from speakerlab.calibration import check_request
 from speakerlab.embedder import check_engine_args
@@ -199,10 +199,8 @@ def early_start(options: ExtractOptions, run_dir: RunDir, scan, rank: int, confi
     store = run_dir.store(rank)
     if cpu[0] <= 0 or not scan.utterances:
         return None
-    if options.overwrite:
-        pass
-    elif store.read_metadata() is not None or store.dir.exists() and any(
-            entry.name != run_dir.journal_dir(rank).name for entry in store.dir.iterdir()):
+    if not options.overwrite and (store.read_metadata() is not None or store.dir.exists() and any(
+            entry.name != run_dir.journal_dir(rank).name for entry in store.dir.iterdir())):
         return None  # resumed, complete or refused: decided once the engine is known (a decode
         # journal alone is what a run that failed before its metadata left: fresh all the same)
     spec = LoaderSpec(config.sample_rate, features_for(config) if device.type == "cpu" else None,
@@ -219,13 +217,13 @@ def early_start(options: ExtractOptions, run_dir: RunDir, scan, rank: int, confi
         # until embed_shard takes them over, a worker's death must not raise in the middle of the model
         # load or a metadata write (torch raises it from its SIGCHLD handler, wherever the main thread is)
         if not quiet_workers(batches):
-            batches._shutdown_workers()
+            shut_down(batches)
             return None
     except RuntimeError as exc:
         if dead_workers(exc) is None:
             raise
         return None  # died at once: the workers start again later, and the crash is handled there
-    return EarlyStart(batches, (spec.key(), plan), len(todo), journal, notes)
+    return EarlyStart(batches, (spec.key(), plan), len(todo), notes)
 
 
 def describe_difference(old: dict, new: dict) -> str:
@@ -406,24 +404,13 @@ def run_shard(options: ExtractOptions, run_dir: RunDir, scan, run_id: str, embed
     if done:
         log.info("rank %d: resuming, %d of %d utterances already done", rank, len(done), len(shard))
     metadata["batch_policy"]["batch_frames"] = plan.batch_frames
-    if early is not None and not early.matches(todo, LoaderSpec.of(embedder), plan):
-        # (parts without metadata, someone removed it; or a plan the model changed): its workers end with it
-        log.info("rank %d: the decode workers started before the model loaded were planned otherwise; "
-                 "starting them again", rank)
-        early.close()
-        early = None
-    if early is not None:
-        journal = early.journal  # cleared before its workers started
-        metadata["batch_policy"].update(early.notes)
-    else:
-        journal = DecodeJournal(run_dir.journal_dir(rank)) if num_workers > 0 else None
-        if journal is not None:
-            journal.clear()  # an earlier run's; a fresh one per run
+    journal = DecodeJournal(run_dir.journal_dir(rank)) if num_workers > 0 else None
+    if journal is not None and early is None:
+        journal.clear()  # an earlier run's; a fresh one per run (early workers write in theirs already)
     log.info("rank %d/%d on %s (%s): %d utterances to do, %d decode workers, %d model stream(s) x %d "
              "thread(s), batches of <= %d frames", rank, world, device, embedder.dtype, len(todo), num_workers,
              streams, threads, plan.batch_frames)
-    metadata["batch_policy"].update({"streams": streams, "threads": threads, "num_workers": num_workers,
-                                     "workers_started_early": early is not None})
+    metadata["batch_policy"].update({"streams": streams, "threads": threads, "num_workers": num_workers})
 
     progress = make_progress(len(shard), len(done), rank, local_rank, options.no_progress)
     rate = SteadyRate()

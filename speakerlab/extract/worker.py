@@ -125,7 +125,6 @@ class EarlyStart:
     batches: object  # the started loader's iterator (its workers out of torch's SIGCHLD check: quiet_workers)
     key: tuple       # (LoaderSpec.key(), ShardPlan) it was planned with
     count: int       # utterances planned (the whole shard)
-    journal: object  # the DecodeJournal its workers write (cleared before they started)
     notes: dict      # what in_flight changed to fit the host
 
     def matches(self, todo, spec: LoaderSpec, plan: ShardPlan) -> bool:
@@ -199,9 +198,14 @@ def embed_shard(todo, embedder: Embedder, store, plan: ShardPlan, journal=None, 
     audio_seconds = 0.0
     left = np.arange(len(todo))
     if early is not None and not early.matches(todo, spec, plan):
-        log.info("%sthe decode workers started early were planned otherwise: starting them again", prefix)
+        # (parts without metadata, someone removed it; or a plan the model changed)
+        log.info("%sthe decode workers started before the model loaded were planned otherwise: starting "
+                 "them again", prefix)
         early.close()
         early = None
+    if notes is not None:
+        notes["workers_started_early"] = early is not None
+        notes.update(early.notes if early is not None else {})
     batches_in = None
     for attempt in range(MAX_DECODER_CRASHES + 1):
         try:
